@@ -80,11 +80,77 @@ class RayConf(Section):
 
 
 class FutureLensConf(Section):
-    pass
+    """Future Lens (Pal et al. 2023). Samples are cut from data.* texts; see tasks/future_lens.py."""
+
+    windows_per_text: int = Field(default=12, gt=0)  # candidate prefixes cut from each text (before the filter)
+    min_prefix_chars: int = Field(default=24, gt=0)
+    max_prefix_chars: int = Field(default=160, gt=1)  # prefixes must also fit data.max_tokens tokens
+    n_train: int = Field(default=800, gt=0)  # caps, after the model-correct filter
+    n_test: int = Field(default=200, gt=0)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of texts held out (split by text, seeded)
+    n_future: int = Field(default=4, ge=1, le=8)  # offsets N = 0..n_future-1
+    ks: list[int] = [1, 5, 10]  # Precision@k
+    ngram_order: int = Field(default=4, ge=2)
+    linear_layers: list[int] | None = None  # None = every resid layer 0..n_layers
+    causal_layers: list[int] | None = None  # fixed/learned prompts; None = every causal_layer_stride-th, last included
+    causal_layer_stride: int = Field(default=3, gt=0)
+    ridge: list[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]  # relative penalties, chosen on a validation tenth of train
+    hidden_kl_steps: int = Field(default=0, ge=0)  # optional KL fine-tune of the ridge map
+    hidden_kl_lr: float = Field(default=1e-3, gt=0)
+    vocab_rank: int = Field(default=64, gt=0)
+    vocab_steps: int = Field(default=300, ge=0)
+    vocab_lr: float = Field(default=3e-3, gt=0)
+    vocab_batch: int = Field(default=256, gt=0)
+    vocab_weight_decay: float = Field(default=1e-2, ge=0)
+    fixed_prompts: list[str] = ['Hello! Could you please tell me more about "', "Tell me about"]
+    soft_prompt_len: int = Field(default=10, gt=0)
+    soft_prompt_init: str = 'Hello! Could you please tell me more about "'
+    soft_prompt_steps: int = Field(default=60, ge=0)
+    soft_prompt_batch: int = Field(default=16, gt=0)
+    soft_prompt_lr: float = Field(default=0.01, gt=0)
+    eval_batch: int = Field(default=50, gt=0)
+    reuse_run_id: str | None = None  # evaluate probes and soft prompts saved by this run instead of training
+    seed: int = 0
 
 
 class FunctionVectorsConf(Section):
-    pass
+    """Function vectors (Todd et al. 2024): mean head outputs, a head-patching sweep, the vector and its tests."""
+
+    tasks: list[str] | None = None  # task names; None = every built-in task plus those in task_paths
+    task_paths: list[str] = []  # extra task files or folders of <task>.json ([{"input", "output"}, ...])
+    seed: int = 0  # task splits and prompt sampling
+    n_shots: int = Field(default=10, gt=0)
+    query_template: str = "Q: {input}\nA:"
+    answer_template: str = " {output}"  # the first token of this continuation is the scored answer
+    separator: str = "\n\n"
+    natural_templates: list[str] = ['The word "{input}" means', "When I think of {input}, I think of", "{input}:"]
+    n_clean: int = Field(default=100, gt=0)  # clean prompts per task for the mean head outputs
+    n_shuffled: int = Field(default=25, gt=0)  # shuffled-label prompts per task for the patching sweep
+    n_test: int = Field(default=50, gt=0)  # test queries per task (before keeping those right at n_shots)
+    demo_sets: int | None = Field(default=None, gt=0)  # demonstration sets shared by test queries; None = one per query
+    top_k: int | None = Field(default=None, gt=0)  # heads in the vector; None = min(10, all heads // 4)
+    layer: int | None = Field(default=None, ge=0)  # resid layer the vector is added at; None = n_layers // 3
+    scale: float = 1.0  # multiplier on the vector when added
+    layer_sweep_stride: int = Field(default=1, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
+    transfer_source: str | None = "antonym"  # task whose vector is added to the transfer targets' zero-shot prompts
+    transfer_targets: list[str] = ["antonym_french", "antonym_spanish"]
+    pack_tokens: int = Field(default=1024, gt=0)  # most query tokens packed into one shared-prefix forward pass
+    cache_dir: str | None = ".lensflow/function_vectors"  # per-task sweep results, reused by reruns; None = off
+
+    @field_validator("query_template", "natural_templates")
+    @classmethod
+    def _has_input(cls, v: str | list[str]) -> str | list[str]:
+        for t in [v] if isinstance(v, str) else v:
+            if "{input}" not in t:
+                raise ValueError(f"template must contain {{input}}: {t!r}")
+        return v
+
+    @field_validator("answer_template")
+    @classmethod
+    def _has_output(cls, v: str) -> str:
+        if "{output}" not in v:
+            raise ValueError("template must contain {output}")
+        return v
 
 
 class LensesConf(Section):
@@ -92,7 +158,36 @@ class LensesConf(Section):
 
 
 class MultilingualConf(Section):
-    pass
+    """Shared multilingual features (Anthropic 2025): per-layer SAEs, then cross-language active-set overlap."""
+
+    class SAE(Section):
+        activation: Literal["topk", "relu"] = "topk"
+        expansion: int = Field(default=4, gt=0)  # width = expansion * d_model
+        k: int = Field(default=32, gt=0)  # topk: active features per token
+        l1: float = Field(default=1e-3, ge=0)  # relu: L1 coefficient on the (unit-decoder) codes
+        steps: int = Field(default=300, gt=0)
+        batch_tokens: int = Field(default=1024, gt=0)
+        lr: float = Field(default=1e-3, gt=0)
+        train_prompts: int = Field(default=512, gt=1)  # general-text prompts whose every token is a sample
+        holdout: float = Field(default=0.1, gt=0, lt=1)  # last fraction of prompts, for variance explained
+
+    class Neurons(Section):
+        enabled: bool = True
+        quantile: float = Field(default=0.99, gt=0, lt=1)  # active = above this per-neuron quantile on general text
+        threshold: float | None = None  # absolute threshold instead of the calibrated quantile
+        calibration_prompts: int = Field(default=64, gt=0)
+
+    languages: list[str] = ["en", "fr", "es", "de"]
+    pairs: list[str] | None = None  # ["en-fr", ...]; None = every pair of `languages`
+    files: dict[str, str] | None = None  # {lang: aligned .txt, one paragraph per line}; None = shipped corpus
+    max_paragraphs: int | None = Field(default=None, gt=1)
+    paragraph_tokens: int = Field(default=128, gt=1)  # paragraphs are truncated to this many tokens
+    layers: list[int] | None = None  # resid layers; None = every `layer_stride`-th layer from 0, plus the last
+    layer_stride: int = Field(default=3, gt=0)
+    skip_first: bool = True  # drop each text's first token (BOS / attention sink) from training and active sets
+    seed: int = 0
+    sae: SAE = SAE()
+    neurons: Neurons = Neurons()
 
 
 class Config(Section):
@@ -168,6 +263,17 @@ def _one_line(err: ValidationError) -> str:
     return f"config key '{key}': {msg} (got {e.get('input')!r})"
 
 
+def with_overrides(conf: Config, updates: dict[str, Any]) -> Config:
+    """A copy of conf with dotted keys replaced, validated like `--set` (used for store variants of one run)."""
+    tree = conf.model_dump(mode="json")
+    for key, value in updates.items():
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
@@ -203,6 +309,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        conf = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+    if "://" not in conf.store.root:  # Ray workers run in other directories: pin local paths now
+        conf.store.root = str(Path(conf.store.root).resolve())
+    return conf

@@ -273,6 +273,14 @@ def check_mappable(conf: ModelConf) -> None:
     arch_for(cfg.model_type, name)
 
 
+def prepare(conf: ModelConf) -> None:
+    """Driver-side, before actors start: fail fast on unmappable models and convert the embedded GGUF once,
+    so actors never race to de-quantise it."""
+    check_mappable(conf)
+    if conf.name in EMBEDDED:
+        embedded_dir(conf.name)
+
+
 def load_model(conf: ModelConf, seed: int = 0) -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,69 @@
+"""The `lensflow` command: run a flow, render a lens grid, or show a resolved config."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+# Prefect reads these at import: no analytics calls from a closed network, and room for a slow first start.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from flows import FLOWS  # noqa: E402
+from tasks.config import ConfigError, load_config  # noqa: E402
+
+
+def _resolve(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lensflow", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default="conf/default.yaml", help="YAML config (path, or a name in conf/)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set data.max_prompts=64 (repeatable)")
+
+    run = sub.add_parser("run", help="run a Prefect flow")
+    run.add_argument("flow", choices=sorted(FLOWS))
+    common(run)
+    lens = sub.add_parser("lens", help="render a layer x token lens grid for a prompt (HTML + PNG, logged to MLflow)")
+    lens.add_argument("prompt")
+    lens.add_argument("--lens", choices=["future", "logit", "tuned"], default="future")
+    lens.add_argument("--run-id", default=None, help="MLflow run holding the trained soft prompts / tuned lens "
+                                                     "(default: the latest finished run of the matching flow)")
+    common(lens)
+    show = sub.add_parser("config", help="print the resolved config")
+    common(show)
+    args = p.parse_args(argv)
+
+    try:
+        conf = load_config(args.config, args.overrides)  # validate before anything starts
+        if args.cmd == "config":
+            print(json.dumps(conf.model_dump(mode="json"), indent=2))
+            return 0
+        if args.cmd == "run":
+            result = _resolve(FLOWS[args.flow])(config=args.config, overrides=args.overrides)
+            print(json.dumps(result, indent=2, default=str))
+            return 0
+        if args.lens == "future":
+            out = _resolve("flows.future_lens:render_grid")(conf, args.prompt, run_id=args.run_id)
+        else:
+            out = _resolve("flows.logit_lens:render_grid")(conf, args.prompt, args.lens, run_id=args.run_id)
+        for kind, path in out.items():
+            print(f"{kind}: {path}")
+        return 0
+    except ConfigError as err:
+        print(f"lensflow: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

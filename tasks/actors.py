@@ -1,0 +1,135 @@
+"""Ray model actors and plain Ray tasks.
+
+Model work goes to long-lived actors (loading a model per task would dominate); Ray's own fault tolerance
+(max_restarts / max_task_retries) replaces a killed actor and re-runs the item it held, so callers see
+every item exactly once. Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from tasks.config import Config, ConfigError, ModelConf, RayConf
+
+T = TypeVar("T")
+
+
+def connect(conf: RayConf) -> None:
+    """Start a local Ray (address "") or join a cluster; idempotent within a process."""
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(("LENSFLOW_", "HF_", "MLFLOW_", "TRANSFORMERS_"))}
+    if conf.address:
+        ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def _gpus(conf: RayConf) -> float:
+    available = ray.cluster_resources().get("GPU", 0)
+    if conf.gpus_per_actor == "auto":
+        return 1.0 if available >= 1 else 0.0
+    if conf.gpus_per_actor > available:  # Ray would wait forever for GPUs that do not exist
+        raise ConfigError(f"ray.gpus_per_actor={conf.gpus_per_actor}: the cluster has {available} GPUs")
+    return float(conf.gpus_per_actor)
+
+
+def _to_cpu(x: Any) -> Any:
+    if torch.is_tensor(x):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+@ray.remote
+class ModelActor:
+    """Holds one model; `call` runs a module-level function fn(lm, item) next to it."""
+
+    def __init__(self, model: dict, torch_threads: int | None):
+        from tasks.models import load_model
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.lm = load_model(ModelConf(**model))
+
+    def call(self, fn: Callable[..., T], item: Any) -> T:
+        return _to_cpu(fn(self.lm, item))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class ModelPool:
+    """ray.actors model actors, GPU each when the cluster has GPUs; use as a context manager."""
+
+    def __init__(self, conf: Config, size: int | None = None):
+        connect(conf.ray)
+        rc = conf.ray
+        gpus = _gpus(rc)
+        threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
+        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=rc.max_restarts)
+        model = conf.model.model_dump()
+        self.actors = [ModelActor.options(**opts).remote(model, threads) for _ in range(size or rc.actors)]
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def map(self, fn: Callable[..., T], items: Sequence[Any], desc: str = "", in_flight: int = 2) -> list[T]:
+        """fn(lm, item) for every item, order preserved; at most `in_flight` queued per actor."""
+        results: list[Any] = [None] * len(items)
+        pending: dict[ray.ObjectRef, int] = {}
+        todo = list(enumerate(items))[::-1]
+        load = {i: 0 for i in range(self.size)}
+        owner: dict[ray.ObjectRef, int] = {}
+        with tqdm(total=len(items), desc=desc or getattr(fn, "__name__", "work"), unit="item") as bar:
+            while todo or pending:
+                for a in range(self.size):
+                    while todo and load[a] < in_flight:
+                        i, item = todo.pop()
+                        ref = self.actors[a].call.remote(fn, item)
+                        pending[ref], owner[ref] = i, a
+                        load[a] += 1
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    results[pending.pop(ref)] = ray.get(ref)
+                    load[owner.pop(ref)] -= 1
+                    bar.update(1)
+        return results
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def map_tasks(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayConf, num_cpus: float = 1,
+              num_gpus: float = 0) -> list[T]:
+    """fn(item) as independent Ray tasks (retried if their worker dies), order preserved, with a progress bar."""
+    connect(conf)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=conf.max_restarts)(fn)
+    refs = [remote.remote(item) for item in items]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    waiting = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="task") as bar:
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            results[index[done[0]]] = ray.get(done[0])
+            bar.update(1)
+    return results

@@ -1,0 +1,123 @@
+"""Activation extraction: prompts -> model actors -> zarr store, resumable and chunk-parallel.
+
+The driver never loads the model: one actor describes it (shape, weights hash), the driver sizes the store,
+and each actor computes and writes whole chunks itself, so the driver only moves chunk indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks import store
+from tasks.actors import ModelPool
+from tasks.config import Config
+from tasks.hooks import Read, trace
+from tasks.models import LM
+
+
+def describe(lm: LM, _: object = None) -> dict:
+    """What the driver needs to size a store, computed where the model lives."""
+    return {"name": lm.name, "weights_hash": lm.weights_hash, "n_layers": lm.n_layers, "d_model": lm.d_model,
+            "n_heads": lm.n_heads, "head_dim": lm.head_dim, "vocab_size": lm.vocab_size}
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    url: str
+    chunk: int
+    texts: list[str]
+    spec: store.StoreSpec
+
+
+@torch.inference_mode()
+def compute_chunk(lm: LM, job: ChunkJob) -> dict[str, np.ndarray]:
+    """Activations of one chunk of prompts, cut after the last stored layer (no later blocks, no logits)."""
+    spec = job.spec
+    enc = lm.encode(job.texts, max_tokens=spec.max_tokens)
+    ids, mask, last = enc["input_ids"], enc["attention_mask"], enc["last"]
+    pos = last if spec.positions == "last" else None
+    reads = [Read("resid", l, pos) for l in spec.layers] if "resid" in spec.sites else []
+    if "attn_head" in spec.sites:
+        reads += [Read("attn_head", b, pos) for b in spec.blocks]
+    deepest = max([*(spec.layers if "resid" in spec.sites else []), *(b + 1 for b in spec.blocks if "attn_head" in spec.sites)])
+    with trace(lm, reads=reads, stop_at=deepest) as t:
+        lm.base(input_ids=ids, attention_mask=mask, use_cache=False)
+    b, s = ids.shape
+    dtype = np.dtype(spec.dtype)
+
+    def stack(site: str, layers: list[int]) -> np.ndarray:
+        x = torch.stack([t[site, l] for l in layers], dim=1 if spec.positions == "last" else 2)  # layer axis
+        if spec.positions == "all":  # pad the token axis to max_tokens, zeros past each row's end
+            x = x * mask.view(b, s, *[1] * (x.ndim - 2)).to(x.dtype)
+            x = torch.nn.functional.pad(x, [0, 0] * (x.ndim - 2) + [0, spec.max_tokens - s])
+        return x.float().cpu().numpy().astype(dtype)
+
+    token_ids = torch.full((b, spec.max_tokens), -1, dtype=torch.int32)
+    token_ids[:, :s] = torch.where(mask.bool(), ids, -1).to(torch.int32).cpu()
+    out = {"token_ids": token_ids.numpy(), "lengths": mask.sum(1).to(torch.int32).cpu().numpy()}
+    if "resid" in spec.sites:
+        out["resid"] = stack("resid", spec.layers)
+    if "attn_head" in spec.sites:
+        out["attn_head"] = stack("attn_head", spec.blocks)
+    return out
+
+
+def extract_chunk(lm: LM, job: ChunkJob) -> dict:
+    """Actor-side unit of work: compute one chunk and write it (the actor owns the chunk)."""
+    t0 = time.perf_counter()
+    arrays = compute_chunk(lm, job)
+    store.write_chunk(job.url, job.chunk, job.spec.rows(job.chunk), arrays)
+    return {"chunk": job.chunk, "tokens": int(arrays["lengths"].sum()), "seconds": time.perf_counter() - t0}
+
+
+def plan(conf: Config, texts: list[str], info: dict, label: str) -> tuple[str, store.StoreSpec]:
+    """Group URL and layout; the URL is a fingerprint of everything that determines the contents."""
+    sc = conf.store
+    n_layers = info["n_layers"]
+    layers = sorted(set(sc.layers)) if sc.layers is not None else list(range(n_layers + 1))
+    bad = [l for l in layers if not 0 <= l <= n_layers]
+    if bad:
+        from tasks.config import ConfigError
+
+        raise ConfigError(f"config key 'store.layers': {bad} out of range 0..{n_layers} for {info['name']}")
+    blocks = [l for l in layers if l < n_layers] if sc.layers is not None else list(range(n_layers))
+    identity = {
+        "model": conf.model.model_dump(mode="json"), "weights_hash": info["weights_hash"],
+        "store": sc.model_dump(mode="json", exclude={"root"}), "max_tokens": conf.data.max_tokens,
+        "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    spec = store.StoreSpec(
+        n=len(texts), max_tokens=conf.data.max_tokens, d_model=info["d_model"], n_heads=info["n_heads"],
+        head_dim=info["head_dim"], layers=layers, blocks=blocks, positions=sc.positions, sites=list(sc.sites),
+        dtype=sc.dtype, chunk_size=sc.chunk_size, compression_level=sc.compression_level,
+        attrs={"fingerprint": fingerprint, "model": info["name"], "weights_hash": info["weights_hash"],
+               "label": label, "config": conf.model_dump(mode="json")},
+    )
+    return f"{sc.root.rstrip('/')}/{label}-{fingerprint}", spec
+
+
+def extract(conf: Config, texts: list[str], pool: ModelPool, label: str = "prompts") -> tuple[str, dict]:
+    """Extract (or finish extracting) activations of `texts`; returns the group URL and run statistics."""
+    info = pool.map(describe, [None], desc="describe model")[0]
+    url, spec = plan(conf, texts, info, label)
+    group = store.create(url, spec, texts)
+    todo = store.pending_chunks(group)
+    t0 = time.perf_counter()
+    jobs = [ChunkJob(url, c, texts[spec.rows(c)], spec) for c in todo]
+    results = pool.map(extract_chunk, jobs, desc=f"extract {label}")
+    wall = time.perf_counter() - t0
+    store.mark_complete(url)
+    tokens = sum(r["tokens"] for r in results)
+    stats = {
+        "n_prompts": spec.n, "chunks_total": spec.n_chunks, "chunks_computed": len(todo),
+        "chunks_resumed": spec.n_chunks - len(todo), "tokens_computed": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 and tokens else 0.0, "wall_s": wall,
+    }
+    return url, {**stats, "model": info}

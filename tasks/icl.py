@@ -1,0 +1,116 @@
+"""In-context-learning tasks (input -> output word pairs): loading, seeded splits and prompt rendering.
+
+Built-in tasks ship as package data (tasks/data/icl/<task>.json, a JSON list of {"input", "output"});
+users add their own with extra files or folders of such files. A prompt is `n_shots` demonstrations
+followed by a query; the model's answer is scored on the first token of the answer continuation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from tasks.config import ConfigError
+
+Pair = tuple[str, str]
+
+
+def builtin_task_dir():
+    return files("tasks.data") / "icl"
+
+
+def available_tasks(extra_paths: list[str] = ()) -> dict[str, object]:
+    """Task name -> file (a Traversable or Path). A user file overrides a built-in one of the same name."""
+    found: dict[str, object] = {p.name[:-5]: p for p in builtin_task_dir().iterdir() if p.name.endswith(".json")}
+    for raw in extra_paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.update({p.stem: p for p in sorted(path.glob("*.json"))})
+        elif path.is_file() and path.suffix == ".json":
+            found[path.stem] = path
+        else:
+            raise ConfigError(f"function_vectors.task_paths: '{raw}' is neither a folder nor a .json file")
+    return dict(sorted(found.items()))
+
+
+def load_pairs(name: str, extra_paths: list[str] = ()) -> list[Pair]:
+    tasks = available_tasks(extra_paths)
+    if name not in tasks:
+        raise ConfigError(f"function_vectors.tasks: unknown task '{name}' (known: {', '.join(tasks)})")
+    try:
+        rows = json.loads(tasks[name].read_text(encoding="utf-8"))
+        pairs = [(str(r["input"]), str(r["output"])) for r in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"task '{name}': expected a JSON list of {{\"input\", \"output\"}} objects ({exc})") from None
+    if len(pairs) < 4:
+        raise ConfigError(f"task '{name}': needs at least 4 pairs, has {len(pairs)}")
+    return pairs
+
+
+def pairs_hash(pairs: list[Pair]) -> str:
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Pair]
+    valid: list[Pair]
+    test: list[Pair]
+
+
+def split(pairs: list[Pair], seed: int, valid: float = 0.15, test: float = 0.15) -> Split:
+    """Seeded shuffle, then test / valid / train; every part keeps at least one pair."""
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_test = max(1, round(n * test))
+    n_valid = max(1, round(n * valid))
+    return Split(train=order[n_test + n_valid:], valid=order[n_test:n_test + n_valid], test=order[:n_test])
+
+
+@dataclass(frozen=True)
+class Template:
+    """A demonstration is query + answer + separator; the prompt ends with a bare query."""
+
+    query: str = "Q: {input}\nA:"
+    answer: str = " {output}"
+    separator: str = "\n\n"
+
+    def demo(self, pair: Pair) -> str:
+        return self.query.format(input=pair[0]) + self.answer.format(output=pair[1]) + self.separator
+
+    def prompt(self, demos: list[Pair], query: str) -> str:
+        return "".join(self.demo(d) for d in demos) + self.query.format(input=query)
+
+    def continuation(self, output: str) -> str:
+        return self.answer.format(output=output)
+
+
+def demonstrations(train: list[Pair], n_shots: int, rng: random.Random, exclude: str | None = None,
+                   shuffle_labels: bool = False) -> list[Pair]:
+    """`n_shots` distinct training pairs (never the query itself); with shuffle_labels the outputs are
+    permuted among the demonstrations, which breaks the input -> output mapping but keeps the label set."""
+    pool = [p for p in train if p[0] != exclude]
+    demos = rng.sample(pool, min(n_shots, len(pool)))
+    if shuffle_labels and len(demos) > 1:
+        outs = [d[1] for d in demos]
+        for _ in range(10):  # a derangement is not required, only a broken mapping; retry a few identity draws
+            rng.shuffle(outs)
+            if any(o != d[1] for o, d in zip(outs, demos)):
+                break
+        demos = [(d[0], o) for d, o in zip(demos, outs)]
+    return demos
+
+
+def answer_token(tokenizer, prompt: str, continuation: str) -> int:
+    """The first token the model must produce: the token after the prompt in the tokenization of
+    prompt + continuation (so merges at the boundary are honoured), else the continuation's own first token."""
+    p = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + continuation)["input_ids"]
+    if len(full) > len(p) and full[: len(p)] == p:
+        return full[len(p)]
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"][0]

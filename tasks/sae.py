@@ -1,0 +1,262 @@
+"""Sparse autoencoders over residual-stream activations: the feature basis of the multilingual analysis.
+
+Two sparsity mechanisms, chosen in config:
+  topk  z = ReLU(TopK_k(W_enc (x - b_dec) + b_enc))       (Gao et al. 2024): L0 <= k by construction, no L1 to tune
+  relu  z = ReLU(W_enc (x - b_dec) + b_enc), loss + l1 * sum(z)   (Bricken et al. 2023)
+Decoder rows are kept at unit norm after every step, so an L1 penalty cannot be dodged by shrinking codes and
+growing the decoder. Inputs are divided by one scalar per layer (fitted on the first batch) so that the mean
+squared norm per dimension is 1: residual norms grow a lot with depth, and one learning rate then fits every layer.
+The scalar is part of the saved state; reconstructions come back in the original units.
+
+Training streams the zarr store block by block (`Activations.iter_layer`), never holding a layer in memory:
+all tokens of every training prompt are samples, padding (token_ids = -1) is dropped, and the first token of each
+prompt can be dropped too (the BOS / attention-sink position has a norm tens of times the rest and would dominate
+the MSE). The last `holdout` fraction of prompts is kept out of training for the fraction of variance explained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.store import Activations
+
+ACTIVATIONS = ("topk", "relu")
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, d_in: int, width: int, activation: str = "topk", k: int = 32, seed: int = 0):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown SAE activation '{activation}' (choose from {', '.join(ACTIVATIONS)})")
+        if activation == "topk" and not 0 < k <= width:
+            raise ValueError(f"TopK SAE needs 0 < k <= width, got k={k}, width={width}")
+        self.activation, self.k = activation, k
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(width, d_in, generator=g)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w)  # [width, d]: one unit-norm direction per feature
+        self.W_enc = nn.Parameter(w.T.clone())  # tied at init (Gao et al.): features start near the decoder direction
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(()))
+
+    @property
+    def width(self) -> int:
+        return self.W_dec.shape[0]
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        if self.activation == "relu":
+            return torch.relu(pre)
+        vals, idx = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ self.W_dec + self.b_dec) * self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    @torch.no_grad()
+    def fit_input(self, x: torch.Tensor) -> None:
+        """Set the input scale (mean squared norm per dim = 1) and b_dec (the data mean) from a first batch."""
+        self.scale.fill_(float(x.pow(2).sum(-1).mean().div(x.shape[-1]).sqrt().clamp_min(1e-8)))
+        self.b_dec.copy_((x / self.scale).mean(0))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild the SAE, as tensors (safetensors holds tensors only)."""
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        sd["k"] = torch.tensor(self.k)
+        sd["topk"] = torch.tensor(int(self.activation == "topk"))
+        return sd
+
+    @classmethod
+    def from_state(cls, sd: dict[str, torch.Tensor]) -> "SparseAutoencoder":
+        width, d = sd["W_dec"].shape
+        sae = cls(d, width, "topk" if int(sd["topk"]) else "relu", k=int(sd["k"]))
+        sae.load_state_dict({k: v for k, v in sd.items() if k not in ("k", "topk")})
+        return sae
+
+
+def loss_terms(sae: SparseAutoencoder, x: torch.Tensor, l1: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, reconstruction MSE), both in the normalised input space (MSE per dimension)."""
+    x_hat, z = sae(x)
+    mse = (x_hat - x).div(sae.scale).pow(2).mean()
+    if sae.activation == "relu" and l1 > 0:
+        return mse + l1 * z.sum(-1).mean(), mse
+    return mse, mse
+
+
+def token_mask(token_ids: np.ndarray, skip_first: bool) -> np.ndarray:
+    """bool [rows, T]: real tokens (token id != -1), minus position 0 when skip_first."""
+    mask = np.asarray(token_ids) >= 0
+    if skip_first:
+        mask = mask.copy()
+        mask[:, 0] = False
+    return mask
+
+
+def token_blocks(acts: Activations, layer: int, rows: slice, batch_rows: int, skip_first: bool) -> Iterator[np.ndarray]:
+    """Stream [tokens, d] float32 blocks of one layer: real tokens of each prompt in `rows`, padding dropped."""
+    start = rows.start or 0
+    for block in acts.iter_layer(layer, batch_rows, rows=rows):
+        ids = acts.token_ids[start:start + block.shape[0]]
+        yield block[token_mask(ids, skip_first)]
+        start += block.shape[0]
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 300
+    batch_tokens: int = 1024
+    lr: float = 1e-3
+    l1: float = 1e-3
+    seed: int = 0
+
+
+def train(sae: SparseAutoencoder, blocks, spec: TrainSpec) -> list[float]:
+    """Adam on shuffled token batches; `blocks` is a zero-argument callable returning a fresh block iterator
+    (one pass over the data), restarted until `spec.steps` steps are done. Returns the per-step loss."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=spec.lr, betas=(0.9, 0.999))
+    losses: list[float] = []
+    fitted = False
+    carry = torch.empty(0)
+    while len(losses) < spec.steps:
+        seen = False
+        for block in blocks():
+            seen = True
+            x = torch.cat([carry, torch.from_numpy(block)]) if carry.numel() else torch.from_numpy(block)
+            if not fitted:
+                sae.fit_input(x)
+                fitted = True
+            x = x[torch.randperm(x.shape[0], generator=gen)]
+            n_full = x.shape[0] // spec.batch_tokens
+            for i in range(n_full):
+                batch = x[i * spec.batch_tokens:(i + 1) * spec.batch_tokens]
+                loss, _ = loss_terms(sae, batch, spec.l1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sae.normalize_decoder()
+                losses.append(loss.item())
+                if len(losses) >= spec.steps:
+                    return losses
+            carry = x[n_full * spec.batch_tokens:]
+        if not seen:
+            raise ValueError("SAE training data is empty (no tokens in the training rows)")
+        if not losses and carry.shape[0] > 0:  # less data than one batch: train on what there is
+            spec = TrainSpec(**{**spec.__dict__, "batch_tokens": carry.shape[0]})
+    return losses
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, blocks: Iterator[np.ndarray]) -> dict[str, float]:
+    """Fraction of variance explained, 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over all tokens, plus mean L0
+    (active features per token) and the fraction of features that never fire. Accumulated in float64 so it streams."""
+    sse = sum_x2 = 0.0
+    sum_vec: torch.Tensor | None = None
+    n = 0
+    l0 = 0.0
+    fired = torch.zeros(sae.width, dtype=torch.bool)
+    for block in blocks:
+        x = torch.from_numpy(block)
+        if x.shape[0] == 0:
+            continue
+        x_hat, z = sae(x)
+        xd = x.double()
+        sse += float((x_hat.double() - xd).pow(2).sum())
+        sum_x2 += float(xd.pow(2).sum())
+        s = xd.sum(0)
+        sum_vec = s if sum_vec is None else sum_vec + s
+        n += x.shape[0]
+        active = z > 0
+        l0 += float(active.sum())
+        fired |= active.any(0)
+    if n == 0:
+        raise ValueError("no held-out tokens to evaluate the SAE on")
+    total_var = sum_x2 - float(sum_vec.pow(2).sum()) / n
+    return {"fve": 1.0 - sse / total_var, "l0": l0 / n, "mse": sse / n, "dead": 1.0 - float(fired.float().mean()),
+            "tokens": float(n)}
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """One layer's SAE: train on store rows [0, n_train), evaluate on the rest, log a child run (or reuse one)."""
+
+    url: str  # general-text store group, positions=all
+    layer: int
+    width: int
+    activation: str
+    k: int
+    spec: TrainSpec
+    holdout: float
+    skip_first: bool
+    ref: object | None = None  # tracking.RunRef of the flow run; None = no logging (tests)
+
+    @property
+    def key(self) -> str:
+        """Identity of the trained SAE: a rerun with the same data and settings finds and reuses it."""
+        import hashlib
+        import json
+
+        payload = [self.url.rsplit("/", 1)[-1], self.layer, self.width, self.activation, self.k, self.spec.__dict__,
+                   self.holdout, self.skip_first]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def artifact(self) -> str:
+        return f"sae/layer_{self.layer:02d}.safetensors"
+
+
+def _reuse(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]] | None:
+    from tasks.tracking import load_tensors
+
+    client = job.ref.client
+    runs = client.search_runs([job.ref.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.sae_key = '{job.key}' and attributes.status = 'FINISHED'")
+    if not runs:
+        return None
+    run = runs[0]
+    sae = SparseAutoencoder.from_state(load_tensors(job.ref.tracking_uri, run.info.run_id, job.artifact()))
+    metrics = {k.removeprefix("sae."): v for k, v in run.data.metrics.items() if k.startswith("sae.") and k != "sae.loss"}
+    return sae, {**metrics, "run_id": run.info.run_id, "resumed": 1.0}
+
+
+def train_layer(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]]:
+    """Ray-task body: (SAE, {fve, l0, dead, mse, tokens, run_id, resumed}); training is skipped when a finished
+    child run with the same key exists (resume)."""
+    if job.ref is not None:
+        found = _reuse(job)
+        if found is not None:
+            return found
+    acts = Activations(job.url)
+    n_train = max(1, min(acts.n - 1, int(round(acts.n * (1 - job.holdout)))))
+    step = acts.chunk_rows
+    sae = SparseAutoencoder(acts.d_model, job.width, job.activation, job.k, seed=job.spec.seed + job.layer)
+    losses = train(sae, lambda: token_blocks(acts, job.layer, slice(0, n_train), step, job.skip_first), job.spec)
+    metrics = evaluate(sae, token_blocks(acts, job.layer, slice(n_train, acts.n), step, job.skip_first))
+    if job.ref is None:
+        return sae, {**metrics, "resumed": 0.0}
+    from tasks.tracking import child_run, log_metrics, log_series, log_tensors
+
+    params = {"layer": job.layer, "width": job.width, "activation": job.activation, "k": job.k, **job.spec.__dict__,
+              "holdout": job.holdout, "skip_first": job.skip_first, "store": job.url}
+    with child_run(job.ref, f"sae-layer-{job.layer:02d}", params) as child:
+        child.client.set_tag(child.run_id, "sae_key", job.key)
+        log_series(child, "sae.loss", losses)
+        log_metrics(child, {f"sae.{k}": v for k, v in metrics.items()})
+        log_tensors(child, sae.state(), job.artifact())
+    return sae, {**metrics, "run_id": child.run_id, "resumed": 0.0}

@@ -1,0 +1,62 @@
+"""Shared fixtures: one local Ray, one MLflow sqlite store and one Prefect test server per session (each costs
+seconds to start), tiny random models for unit tests, the embedded SmolLM2 for integration tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tasks.config import Config, ModelConf, load_config  # noqa: E402
+from tasks.models import LM, load_model  # noqa: E402
+
+FAMILIES = ["llama", "qwen2", "gpt2", "gptj", "gpt_neox"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def make_conf(tmp_path, tracking_uri):
+    """A validated Config for a tiny model with a private store and the session's MLflow database."""
+
+    def make(*overrides: str, model: str = "tiny-llama") -> Config:
+        base = [f"model.name={model}", f"store.root={tmp_path / 'store'}", f"tracking.uri={tracking_uri}",
+                "ray.actors=1", "data.max_prompts=24", "data.max_tokens=16", "store.chunk_size=8"]
+        return load_config(None, [*base, *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lms() -> dict[str, LM]:
+    return {f: load_model(ModelConf(name=f"tiny-{f}")) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LM:
+    return load_model(ModelConf(name="smollm2-135m"))

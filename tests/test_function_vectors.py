@@ -1,0 +1,158 @@
+"""Function vectors: the fast patching sweep against a naive one-forward-per-head reference, prompts,
+first-token scoring, the vector's construction, and the flow end to end (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import FunctionVectorsConf, ModelConf
+from tasks.function_vectors import (
+    function_vector, indirect_effects, last_token_logits, mean_head_outputs, top_heads,
+)
+from tasks.icl import Template, answer_token, available_tasks, demonstrations, load_pairs, split
+from tasks.models import load_model
+
+FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-gpt_neox"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lm(request):
+    return load_model(ModelConf(name=request.param, dtype="float32", device="cpu"))
+
+
+def _prompt(n_shots=4, seed=0):
+    rng = random.Random(seed)
+    pairs = [(f"w{i}", f"v{i}") for i in range(20)]
+    return Template().prompt(demonstrations(pairs, n_shots, rng, shuffle_labels=True), "w3")
+
+
+def naive_indirect_effects(lm, text: str, answer: int, means: torch.Tensor) -> torch.Tensor:
+    """One full forward per head, patched by a plain torch pre-hook on the attention output projection."""
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+    hd = lm.head_dim
+
+    def prob(hook=None):
+        handle = lm.attn_out(hook[0]).register_forward_pre_hook(hook[1]) if hook else None
+        try:
+            with torch.no_grad():
+                return lm.model(input_ids=ids).logits[0, -1].softmax(-1)[answer].item()
+        finally:
+            if handle:
+                handle.remove()
+
+    base = prob()
+    out = torch.zeros(lm.n_layers, lm.n_heads)
+    for layer in range(lm.n_layers):
+        for head in range(lm.n_heads):
+            def pre(module, args, layer=layer, head=head):
+                x = args[0].clone()
+                x[0, -1, head * hd:(head + 1) * hd] = means[layer, head]
+                return (x,)
+            out[layer, head] = prob((layer, pre)) - base
+    return out
+
+
+def test_sweep_matches_naive_reference(lm):
+    text = _prompt()
+    torch.manual_seed(0)
+    means = torch.randn(lm.n_layers, lm.n_heads, lm.head_dim) * 3
+    answer = answer_token(lm.tokenizer, text, " v3")
+    ids = lm.tokenizer(text)["input_ids"]
+    fast = indirect_effects(lm, ids, answer, means, pack_tokens=1024)
+    ref = naive_indirect_effects(lm, text, answer, means)
+    assert ref.abs().max() > 1e-4  # the patch matters, so agreement is informative
+    assert (fast - ref).abs().max().item() <= 1e-5
+    # chunked packing (several passes over one cached prefix) gives the same numbers
+    small = indirect_effects(lm, ids, answer, means, pack_tokens=5)
+    assert (small - ref).abs().max().item() <= 1e-5
+
+
+def test_packed_prompts_match_separate_forwards(lm):
+    texts = [Template().prompt([("ab", "cd"), ("ef", "gh")], q) for q in ("x", "yy", "zzz w")]
+    got = last_token_logits(lm, [lm.tokenizer(t)["input_ids"] for t in texts], pack_tokens=1024)
+    for row, text in zip(got, texts):
+        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = lm.model(input_ids=ids).logits[0, -1]
+        assert (row - ref).abs().max().item() < 1e-4
+
+
+def test_mean_head_outputs_match_manual_hook(lm):
+    texts = ["Q: a\nA: b\n\nQ: c\nA:", "Q: dd\nA:"]
+    got = mean_head_outputs(lm, texts)
+    seen = []
+    handle = lm.attn_out(1).register_forward_pre_hook(lambda m, a: seen.append(a[0][0, -1].clone()))
+    try:
+        for t in texts:
+            with torch.no_grad():
+                lm.model(input_ids=lm.tokenizer(t, return_tensors="pt")["input_ids"])
+    finally:
+        handle.remove()
+    ref = torch.stack(seen).mean(0).view(lm.n_heads, lm.head_dim)
+    assert torch.allclose(got[1], ref, atol=1e-5)
+
+
+def test_function_vector_is_sum_through_out_projection(lm):
+    torch.manual_seed(1)
+    heads = [(0, 1), (2, 3), (3, 0)]
+    values = torch.randn(3, lm.head_dim)
+    fv = function_vector(lm, heads, values)
+    # manual: place each value in its head's slice of the out-projection input, project, drop the bias
+    proj = lm.attn_out(0).__class__.__name__
+    ref = torch.zeros(lm.d_model)
+    for (layer, head), v in zip(heads, values):
+        x = torch.zeros(lm.n_heads * lm.head_dim)
+        x[head * lm.head_dim:(head + 1) * lm.head_dim] = v
+        mod = lm.attn_out(layer)
+        with torch.no_grad():
+            y = mod(x[None])[0]
+            bias = getattr(mod, "bias", None)
+            ref += y - (bias if bias is not None else 0)
+    assert proj
+    assert torch.allclose(fv, ref, atol=1e-5)
+
+
+def test_top_heads_orders_by_effect():
+    aie = torch.tensor([[0.1, 0.5], [0.9, -1.0]])
+    assert top_heads(aie, 2) == [(1, 0), (0, 1)]
+
+
+def test_prompt_format_and_split():
+    tpl = Template()
+    assert tpl.prompt([("hot", "cold"), ("big", "small")], "up") == "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:"
+    pairs = [(str(i), str(-i)) for i in range(40)]
+    s = split(pairs, seed=3)
+    assert sorted(s.train + s.valid + s.test) == sorted(pairs)
+    assert not set(s.test) & set(s.train)
+    assert split(pairs, seed=3) == s and split(pairs, seed=4) != s
+    demos = demonstrations(s.train, 10, random.Random(0), exclude=s.train[0][0], shuffle_labels=True)
+    assert len(demos) == 10 and s.train[0][0] not in [d[0] for d in demos]
+    assert sorted(d[1] for d in demos) == sorted(dict(s.train)[d[0]] for d in demos)  # same labels, permuted
+    assert any(d[1] != dict(s.train)[d[0]] for d in demos)
+
+
+def test_answer_is_first_token_of_continuation():
+    from tasks.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompt = "Q: hot\nA:"
+    ans = answer_token(tok, prompt, " cold")
+    full = tok(prompt + " cold")["input_ids"]
+    assert ans == full[len(tok(prompt)["input_ids"])]
+    assert tok.decode([ans]) == " "  # byte-level: the first token is the space byte
+
+
+def test_builtin_and_user_tasks(tmp_path):
+    tasks = available_tasks()
+    assert {"antonym", "antonym_french", "antonym_spanish", "english_french"} <= set(tasks)
+    assert load_pairs("antonym")[0] == ("hot", "cold")
+    (tmp_path / "mine.json").write_text(json.dumps([{"input": str(i), "output": str(i + 1)} for i in range(8)]))
+    assert load_pairs("mine", [str(tmp_path)])[2] == ("2", "3")
+    from tasks.config import ConfigError
+    with pytest.raises(ConfigError):
+        load_pairs("nope")
