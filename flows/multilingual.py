@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import ray
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -53,7 +54,8 @@ def _chunks(texts: list[str], size: int) -> list[list[str]]:
 def neuron_overlaps(conf: Config, pool: ModelPool, blocks: list[int], calibration: list[str],
                     corpus: dict[str, list[str]], pairs: list[tuple[str, str]], perm: np.ndarray) -> dict[int, dict]:
     """Per block: {pair: {translated, unrelated}} over MLP-neuron sets, plus the mean set size per language."""
-    mc, size = conf.multilingual, conf.store.chunk_size
+    mc = conf.multilingual
+    size = mc.neurons.batch_prompts
     if mc.neurons.threshold is not None:
         thresholds = {b: np.float32(mc.neurons.threshold) for b in blocks}
     else:  # per-neuron quantile on general text, averaged over chunks (so every neuron fires about equally rarely)
@@ -134,7 +136,8 @@ def multilingual_flow(config: str = "conf/default.yaml", overrides: list[str] | 
         spec = TrainSpec(steps=sc.steps, batch_tokens=sc.batch_tokens, lr=sc.lr, l1=sc.l1, seed=mc.seed)
         jobs = [SAELayerJob(LayerJob(train_url, l, sc.expansion * info["d_model"], sc.activation, sc.k, spec, sc.holdout,
                                      mc.skip_first, run), par_urls, pairs, perm.tolist()) for l in layers]
-        results = {r["layer"]: r for r in map_tasks(sae_layer, jobs, "SAE per layer", conf.ray)}
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # SAEs train on a GPU where there is one
+        results = {r["layer"]: r for r in map_tasks(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)}
 
         for l, r in results.items():
             s = r["sae"]

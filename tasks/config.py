@@ -82,9 +82,7 @@ class RayConf(Section):
 class FutureLensConf(Section):
     """Future Lens (Pal et al. 2023). Samples are cut from data.* texts; see tasks/future_lens.py."""
 
-    windows_per_text: int = Field(default=12, gt=0)  # candidate prefixes cut from each text (before the filter)
-    min_prefix_chars: int = Field(default=24, gt=0)
-    max_prefix_chars: int = Field(default=160, gt=1)  # prefixes must also fit data.max_tokens tokens
+    min_prefix_tokens: int = Field(default=4, gt=0)  # samples: positions T >= this - 1 of each text (< data.max_tokens)
     n_train: int = Field(default=800, gt=0)  # caps, after the model-correct filter
     n_test: int = Field(default=200, gt=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of texts held out (split by text, seeded)
@@ -107,7 +105,7 @@ class FutureLensConf(Section):
     soft_prompt_init: str = 'Hello! Could you please tell me more about "'
     soft_prompt_steps: int = Field(default=60, ge=0)
     soft_prompt_batch: int = Field(default=16, gt=0)
-    soft_prompt_lr: float = Field(default=0.01, gt=0)
+    soft_prompt_lr: float = Field(default=0.1, gt=0)  # relative to the RMS of the initial prompt embeddings
     eval_batch: int = Field(default=50, gt=0)
     reuse_run_id: str | None = None  # evaluate probes and soft prompts saved by this run instead of training
     seed: int = 0
@@ -128,6 +126,7 @@ class FunctionVectorsConf(Section):
     n_shuffled: int = Field(default=25, gt=0)  # shuffled-label prompts per task for the patching sweep
     n_test: int = Field(default=50, gt=0)  # test queries per task (before keeping those right at n_shots)
     demo_sets: int | None = Field(default=None, gt=0)  # demonstration sets shared by test queries; None = one per query
+    filter_correct: bool = True  # evaluate only test queries the model answers right at n_shots (as the paper)
     top_k: int | None = Field(default=None, gt=0)  # heads in the vector; None = min(10, all heads // 4)
     layer: int | None = Field(default=None, ge=0)  # resid layer the vector is added at; None = n_layers // 3
     scale: float = 1.0  # multiplier on the vector when added
@@ -154,7 +153,20 @@ class FunctionVectorsConf(Section):
 
 
 class LensesConf(Section):
-    pass
+    """Logit lens + tuned lens (Belrose et al. 2023), trained on every position of the first max_prompts
+    data.* texts (a positions=all store); the last heldout share of those prompts is the evaluation split."""
+
+    max_prompts: int | None = Field(default=160, gt=0)  # None = data.max_prompts
+    heldout: float = Field(default=0.2, gt=0, lt=1)
+    epochs: int = Field(default=2, gt=0)
+    batch_tokens: int = Field(default=64, gt=0)
+    lr: float = Field(default=1e-3, gt=0)  # AdamW, linear decay to zero
+    weight_decay: float = Field(default=0.0, ge=0)
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # frozen unembedding matmuls while training
+    seed: int = 0
+    gpus_per_task: float = Field(default=0.0, ge=0)  # per-layer Ray tasks; > 0 on a GPU cluster
+    reuse_run_id: str | None = None  # evaluate a previous logit-lens run's translators without training
+    grid_prompt: str = "The Eiffel Tower is in the city of Paris, which is the capital of"
 
 
 class MultilingualConf(Section):
@@ -176,6 +188,7 @@ class MultilingualConf(Section):
         quantile: float = Field(default=0.99, gt=0, lt=1)  # active = above this per-neuron quantile on general text
         threshold: float | None = None  # absolute threshold instead of the calibrated quantile
         calibration_prompts: int = Field(default=64, gt=0)
+        batch_prompts: int = Field(default=16, gt=0)  # texts per actor call (neuron activations are large)
 
     languages: list[str] = ["en", "fr", "es", "de"]
     pairs: list[str] | None = None  # ["en-fr", ...]; None = every pair of `languages`

@@ -12,16 +12,20 @@ n_layers * n_heads single-token rows instead of n_layers * n_heads full forward 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tasks.config import FunctionVectorsConf
 from tasks.hooks import Edit, Read, trace
-from tasks.icl import Pair, Split, Template, answer_token, demonstrations
+from tasks.icl import Pair, Split, Template, answer_token, demonstrations, pairs_hash
 from tasks.models import LM
 
 Head = tuple[int, int]  # (layer, head)
@@ -152,9 +156,9 @@ def top_heads(aie: torch.Tensor | np.ndarray, k: int) -> list[Head]:
     return [(i // n_heads, i % n_heads) for i in order]
 
 
-def default_top_k(lm: LM) -> int:
+def default_top_k(n_layers: int, n_heads: int) -> int:
     """Paper: 10 of GPT-J's 448 heads; small models keep 10 unless that is over a quarter of their heads."""
-    return min(10, max(1, lm.n_layers * lm.n_heads // 4))
+    return min(10, max(1, n_layers * n_heads // 4))
 
 
 def function_vector(lm: LM, heads: list[Head], head_means: torch.Tensor) -> torch.Tensor:
@@ -215,8 +219,13 @@ def icl_prompts(split: Split, conf: FunctionVectorsConf, name: str, n: int, shuf
     return texts, queries
 
 
-def task_sweep(lm: LM, job: TaskJob) -> dict[str, np.ndarray]:
-    """Mean head outputs on clean prompts and mean indirect effects on shuffled-label prompts, for one task."""
+def task_sweep(lm: LM, job: TaskJob, cache_file: str | None = None) -> dict[str, np.ndarray]:
+    """Mean head outputs on clean prompts and mean indirect effects on shuffled-label prompts, for one task.
+
+    With cache_file, a finished result is saved there (and loaded instead of recomputed by a rerun)."""
+    if cache_file and Path(cache_file).is_file():
+        with np.load(cache_file) as z:
+            return {k: z[k] for k in z.files}
     conf, tpl = job.conf, template(job.conf)
     clean, _ = icl_prompts(job.split, conf, job.name, conf.n_clean, False, "clean")
     means = mean_head_outputs(lm, clean, conf.pack_tokens)
@@ -225,19 +234,32 @@ def task_sweep(lm: LM, job: TaskJob) -> dict[str, np.ndarray]:
     for text, (_, y) in zip(shuffled, queries):
         ids = lm.tokenizer(text)["input_ids"]
         ie += indirect_effects(lm, ids, answer_token(lm.tokenizer, text, tpl.continuation(y)), means, conf.pack_tokens)
-    return {"means": means.numpy(), "ie": (ie / len(shuffled)).numpy()}
+    result = {"means": means.numpy(), "ie": (ie / len(shuffled)).numpy()}
+    if cache_file:
+        path = Path(cache_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **result)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written result to be "resumed"
+    return result
+
+
+def cached_sweep(lm: LM, item: tuple[TaskJob, str | None]) -> dict[str, np.ndarray]:
+    """pool.map entry point: (job, cache file or None)."""
+    return task_sweep(lm, *item)
 
 
 def _accuracy(lm: LM, texts: list[str], answers: list[int], conf: FunctionVectorsConf,
-              fv: torch.Tensor | None = None, layer: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """Top-1 first-token correctness without and (if fv is given) with the vector, in one packed call."""
+              fv: torch.Tensor | None = None, layer: int = 0, plain: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Top-1 first-token correctness without (if plain) and with (if fv is given) the vector, in one packed call."""
     ids = tokenize(lm, texts)
     ans = torch.tensor(answers)
-    if fv is None:
-        return (last_token_logits(lm, ids, None, conf.pack_tokens).argmax(-1) == ans).numpy(), None
-    flags = torch.tensor([False] * len(ids) + [True] * len(ids))
-    pred = last_token_logits(lm, ids + ids, add_vector_edits(fv, layer, flags), conf.pack_tokens).argmax(-1)
-    return (pred[: len(ids)] == ans).numpy(), (pred[len(ids):] == ans).numpy()
+    rows = (ids if plain else []) + (ids if fv is not None else [])
+    flags = torch.tensor([False] * len(ids) * plain + [True] * len(ids) * (fv is not None))
+    edit_fn = add_vector_edits(fv, layer, flags) if fv is not None else None
+    ok = (last_token_logits(lm, rows, edit_fn, conf.pack_tokens).argmax(-1) == ans.repeat(len(rows) // len(ids))).numpy()
+    n = len(ids)
+    return (ok[:n] if plain else None), (ok[-n:] if fv is not None else None)
 
 
 def _demo_groups(job: TaskJob, queries: list[Pair], shuffle_labels: bool, purpose: str) -> list[tuple[list[Pair], list[int]]]:
@@ -268,11 +290,11 @@ def _icl_accuracy(lm: LM, job: TaskJob, queries: list[Pair], shuffle_labels: boo
 
 
 def _zero_shot(lm: LM, conf: FunctionVectorsConf, queries: list[Pair], fmt: str, fv: torch.Tensor | None,
-               layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+               layer: int, plain: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
     tpl = template(conf)
     texts = [fmt.format(input=x) for x, _ in queries]
     answers = [answer_token(lm.tokenizer, t, tpl.continuation(y)) for t, (_, y) in zip(texts, queries)]
-    return _accuracy(lm, texts, answers, conf, fv, layer)
+    return _accuracy(lm, texts, answers, conf, fv, layer, plain)
 
 
 def _mean(x: np.ndarray | None) -> float:
@@ -286,7 +308,7 @@ def task_eval(lm: LM, job: EvalJob) -> dict:
     fv = function_vector(lm, job.heads, torch.as_tensor(job.head_means)) * conf.scale
     queries = job.task.split.test[: conf.n_test]
     icl, _ = _icl_accuracy(lm, job.task, queries, False, "test_clean")
-    kept = [q for q, ok in zip(queries, icl) if ok]
+    kept = [q for q, ok in zip(queries, icl) if ok or not conf.filter_correct]
     metrics = {"icl.acc": _mean(icl), "n_eval": float(len(kept))}
     sweep: dict[int, float] = {}
     if kept:
@@ -300,7 +322,7 @@ def task_eval(lm: LM, job: EvalJob) -> dict:
             "natural_text_fv.acc": float(np.mean([_mean(b) for _, b in nat])) if nat else float("nan"),
         }
         for layer in job.sweep_layers:
-            sweep[layer] = _mean(_zero_shot(lm, conf, kept, conf.query_template, fv, layer)[1])
+            sweep[layer] = _mean(_zero_shot(lm, conf, kept, conf.query_template, fv, layer, plain=False)[1])
     return {"metrics": metrics, "layer_sweep": sweep, "fv": fv.cpu().numpy()}
 
 
@@ -312,3 +334,15 @@ def transfer_eval(lm: LM, job: TransferJob) -> dict[str, float]:
     queries = job.target.split.test[: conf.n_test]
     plain, with_fv = _zero_shot(lm, conf, queries, conf.query_template, fv, job.layer)
     return {"acc": _mean(plain), "fv.acc": _mean(with_fv), "n": float(len(queries))}
+
+
+def sweep_cache_file(cache_dir: str | None, model: dict, job: TaskJob) -> str | None:
+    """Where a task's sweep result lives: keyed by everything that changes it (model, prompts, task data)."""
+    if cache_dir is None:
+        return None
+    c = job.conf
+    key = {"model": model, "task": job.name, "data": pairs_hash(job.split.train),
+           **{f: getattr(c, f) for f in ("seed", "n_shots", "query_template", "answer_template", "separator",
+                                          "n_clean", "n_shuffled")}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return str(Path(cache_dir).resolve() / f"{job.name}-{digest}.npz")

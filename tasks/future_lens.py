@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks.config import FutureLensConf
 from tasks.hooks import Read, trace
 from tasks.models import LM
+from tasks.tracking import RunRef
 
 METHODS = ("bigram", "linear_vocab", "linear_hidden", "fixed_prompt", "soft_prompt")
 LN2 = math.log(2.0)
@@ -32,22 +35,32 @@ LN2 = math.log(2.0)
 @dataclass(frozen=True)
 class Window:
     text_id: int
-    prefix: str  # ends at a word end
-    continuation: str  # starts with the whitespace that follows
+    prefix_ids: tuple[int, ...]  # tokens x_0..x_T of the text
+    next_id: int  # the text's token T+1
 
 
-def make_windows(texts: list[str], per_text: int, min_chars: int, max_chars: int, seed: int) -> list[Window]:
-    """Cut each text at up to `per_text` random word boundaries (seeded). Cutting on characters, at a space,
-    keeps the prefix's tokenization identical to the one it has inside the full text (byte-level BPE merges
-    never cross a leading space), so the extraction of the prefix string sees the same tokens."""
-    rng = random.Random(seed)
+@torch.inference_mode()
+def scan_texts(lm: LM, item: tuple[list[str], int, int]) -> list[dict]:
+    """One batched forward pass over whole texts finds every position T where the model's greedy next token
+    is the text's own (the paper's filter) at once, instead of one forward per candidate prefix; also returns
+    the texts' tokens. item: (texts, max_tokens, min_prefix_tokens)."""
+    texts, max_tokens, min_prefix = item
+    enc = lm.encode(texts, max_tokens=max_tokens + 1)  # right padded: causal positions see no padding
+    with trace(lm, reads=[Read("resid", lm.n_layers)]) as t:
+        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    h = t["resid", lm.n_layers]
     out = []
-    for tid, text in enumerate(texts):
-        cuts = [i for i in range(min_chars, min(len(text), max_chars)) if text[i] == " " and text[i - 1] != " "]
-        cuts = [i for i in cuts if len(text) - i > 12]  # leave room for four continuation tokens
-        for i in sorted(rng.sample(cuts, min(per_text, len(cuts)))):
-            out.append(Window(tid, text[:i], text[i:]))
+    for row, length in enumerate(enc["attention_mask"].sum(1).tolist()):
+        ids = enc["input_ids"][row, :length].tolist()
+        pred = lm.decode(h[row, : length - 1]).argmax(-1).cpu() if length > 1 else torch.zeros(0, dtype=torch.long)
+        ok = (pred == torch.tensor(ids[1:], dtype=torch.long)).nonzero().flatten().tolist()
+        out.append({"ids": ids, "positions": [p for p in ok if min_prefix - 1 <= p < max_tokens]})
     return out
+
+
+def candidate_windows(scans: list[dict], text_offset: int = 0) -> list[Window]:
+    return [Window(text_offset + tid, tuple(sc["ids"][: p + 1]), sc["ids"][p + 1])
+            for tid, sc in enumerate(scans) for p in sc["positions"]]
 
 
 @dataclass(frozen=True)
@@ -59,30 +72,28 @@ class PrepItem:
 
 @torch.inference_mode()
 def prepare_windows(lm: LM, item: PrepItem) -> dict[str, np.ndarray]:
-    """Model side of the data: for each prefix, the model's greedy continuation (n_future tokens, KV cache),
-    the pre-norm final-layer states at T..T+n_future-1 (targets of the linear approximation and, decoded, the
-    model's own distributions) and whether the greedy next token equals the text's next token.
-
-    Prefixes longer than max_tokens are dropped (keep=False): the extraction truncates at max_tokens and
-    would then see a different last token."""
+    """Model side of the data, for chosen samples: the prefix text, the model's greedy continuation (n_future
+    tokens, KV cache), the pre-norm final-layer states at T..T+n_future-1 (targets of the linear
+    approximation and, decoded, the model's own distributions), and keep = the prefix text re-tokenizes to
+    the same tokens (what the extraction will see: lm.encode, max_tokens) and the greedy next token is the
+    text's. The states are recomputed from the prefix alone, exactly as the extraction computes them."""
     tok = lm.tokenizer
-    prefixes = [w.prefix for w in item.windows]
-    full = tok(prefixes, add_special_tokens=True)["input_ids"]
-    fits = torch.tensor([len(x) <= item.max_tokens for x in full])
+    prefixes = [tok.decode(list(w.prefix_ids), skip_special_tokens=True) for w in item.windows]
     enc = lm.encode(prefixes, max_tokens=item.max_tokens)
     ids, mask, last = enc["input_ids"], enc["attention_mask"], enc["last"]
-    nxt = torch.tensor([(tok(w.continuation, add_special_tokens=False)["input_ids"] or [-1])[0] for w in item.windows])
-    n, L = lm.n_layers, item.n_future
+    same = torch.tensor([tuple(ids[i, : int(last[i]) + 1].tolist()) == w.prefix_ids for i, w in enumerate(item.windows)])
+    nxt = torch.tensor([w.next_id for w in item.windows])
+    n, steps = lm.n_layers, item.n_future
     b = ids.shape[0]
     finals, greedy = [], []
     with trace(lm, reads=[Read("resid", n, position=last)]) as t:
         out = lm.base(input_ids=ids, attention_mask=mask, use_cache=True)
     past, h = out.past_key_values, t["resid", n]
-    for k in range(L):
+    for k in range(steps):
         finals.append(h.float())
         g = lm.decode(h).argmax(-1)
         greedy.append(g)
-        if k == L - 1:
+        if k == steps - 1:
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
         with trace(lm, reads=[Read("resid", n, position=0)]) as t:
@@ -91,11 +102,11 @@ def prepare_windows(lm: LM, item: PrepItem) -> dict[str, np.ndarray]:
         past, h = out.past_key_values, t["resid", n]
     greedy_t = torch.stack(greedy, 1).cpu()
     return {
-        "keep": (fits & (greedy_t[:, 0] == nxt)).numpy(),
+        "keep": (same & (greedy_t[:, 0] == nxt)).numpy(),
         "greedy": greedy_t.numpy().astype(np.int64),
         "final": torch.stack(finals, 1).cpu().numpy().astype(np.float32),
         "x_last": ids[torch.arange(b), last].cpu().numpy().astype(np.int64),
-        "next_true": nxt.numpy(),
+        "prefix": np.array(prefixes, dtype=object),
     }
 
 
@@ -208,7 +219,7 @@ def fit_linear_sgd(h: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batc
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     w_eff = (w.detach() / sd.unsqueeze(1))
     return w_eff, b.detach() - mu @ w_eff, losses
 
@@ -232,7 +243,7 @@ def finetune_hidden_kl(lm: LM, h: torch.Tensor, teacher: torch.Tensor, w: torch.
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return w.detach().float().cpu(), b.detach().float().cpu(), losses
 
 
@@ -298,7 +309,7 @@ def fit_vocab_probe(batches, vocab: torch.Tensor, mu: torch.Tensor, sd: torch.Te
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return VocabProbe(mu, sd, a.detach(), b.detach(), c.detach(), vocab), losses
 
 
@@ -323,6 +334,8 @@ class Samples:
     targets_url: str
     n_train: int
     n_test: int
+    vocab_size: int
+    chunk_rows: int = 32
 
     @property
     def train(self) -> slice:
@@ -390,3 +403,144 @@ def minibatches(s: Samples, layer: int, rows: slice, batch: int, block: int, see
         for i in range(0, perm.numel() - batch + 1 if perm.numel() >= batch else 1, batch):
             idx = perm[i : i + batch]
             yield {k: v[idx] for k, v in data.items()}
+
+
+def blocks(rows: slice, size: int):
+    for st in range(rows.start, rows.stop, size):
+        yield slice(st, min(rows.stop, st + size))
+
+
+# --------------------------------------------------------------------------------------------- per-layer jobs
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """One source layer's training (or, with reuse_run_id, loading) and test evaluation of one method.
+    run: the flow's MLflow run (child run + artifacts); None in tests (nothing is logged)."""
+
+    layer: int
+    samples: Samples
+    conf: FutureLensConf
+    run: RunRef | None = None
+    reuse_run_id: str | None = None
+
+
+def artifact(method: str, layer: int) -> str:
+    folder = "soft_prompts" if method == "soft_prompt" else f"probes/{method}"
+    return f"{folder}/layer_{layer:02d}.safetensors"
+
+
+def load_state(job: LayerJob, method: str) -> dict[str, torch.Tensor]:
+    from tasks.tracking import load_tensors
+
+    if job.run is None:
+        raise ValueError("reuse_run_id needs a tracking run (the tracking URI of the source run)")
+    return load_tensors(job.run.tracking_uri, job.reuse_run_id, artifact(method, job.layer))
+
+
+def log_job(job: LayerJob, method: str, state: dict[str, torch.Tensor] | None, curves: dict[str, list | dict],
+            params: dict) -> None:
+    """Child run with the loss curve(s); the trained tensors go to the flow's run (what reuse and the grid load)."""
+    if job.run is None:
+        return
+    from tasks import tracking
+
+    with tracking.child_run(job.run, f"{method}/layer_{job.layer:02d}", {"layer": job.layer, "method": method, **params}) as ch:
+        for name, values in curves.items():
+            tracking.log_series(ch, name, values)
+    if state is not None:
+        tracking.log_tensors(job.run, state, artifact(method, job.layer))
+
+
+@torch.no_grad()
+def decoded_scores(lm: LM, pred: torch.Tensor, greedy: torch.Tensor, ks: tuple[int, ...], batch: int) -> list[dict]:
+    """Metrics of predicted final-layer states [n, N, d], decoded by the model's own final norm + unembedding."""
+    out = []
+    for n in range(greedy.shape[1]):
+        logits = torch.cat([lm.decode(pred[i : i + batch, n].to(lm.device, lm.dtype)).float().cpu()
+                            for i in range(0, pred.shape[0], batch)])
+        out.append(score(logits, greedy[:, n], ks))
+    return out
+
+
+def linear_hidden_job(lm: LM, job: LayerJob) -> dict:
+    """h_l -> final-layer states at T..T+N-1 (one multi-output ridge, all N), decoded by the model: closed
+    form from streamed sufficient statistics, penalty chosen on the last tenth of the training rows."""
+    s, c, l = job.samples, job.conf, job.layer
+    t0 = time.perf_counter()
+    curves: dict = {}
+    params: dict = {}
+    if job.reuse_run_id:
+        st = load_state(job, "linear_hidden")
+        w, b = st["w"], st["b"]
+    else:
+        n_val = max(1, s.n_train // 10)
+        fit, val = RidgeStats(), RidgeStats()
+        for sl in blocks(s.train, s.chunk_rows):
+            d = read_block(s, l, sl)
+            y = d["final"].flatten(1)
+            cut = max(0, min(sl.stop, s.n_train - n_val) - sl.start)
+            if cut:
+                fit.add(d["h"][:cut], y[:cut])
+            if cut < y.shape[0]:
+                val.add(d["h"][cut:], y[cut:])
+        _, _, info = fit_ridge(fit, val, c.ridge)
+        for name in ("n", "yy"):
+            setattr(fit, name, getattr(fit, name) + getattr(val, name))
+        for name in ("sh", "sy", "hh", "hy"):
+            setattr(fit, name, getattr(fit, name) + getattr(val, name))
+        w, b, _ = fit_ridge(fit, None, [info["ridge"]])
+        curves["ridge_val_mse"] = list(info["val_mse"].values())
+        params = {"ridge": info["ridge"], "ridge_grid": c.ridge}
+        if c.hidden_kl_steps:
+            d = read_block(s, l, s.train)
+            dm = d["final"].shape[-1]
+            ws, bs = [], []
+            for n in range(d["final"].shape[1]):
+                wn, bn, losses = finetune_hidden_kl(lm, d["h"], d["final"][:, n], w[:, n * dm : (n + 1) * dm],
+                                                    b[n * dm : (n + 1) * dm], c.hidden_kl_steps, c.hidden_kl_lr, 64, c.seed)
+                ws.append(wn)
+                bs.append(bn)
+                curves[f"kl_n{n}"] = losses
+            w, b = torch.cat(ws, 1), torch.cat(bs)
+    train_s = time.perf_counter() - t0
+    test = read_block(s, l, s.test)
+    pred = (test["h"] @ w + b).view(test["h"].shape[0], test["greedy"].shape[1], -1)
+    metrics = decoded_scores(lm, pred, test["greedy"], tuple(c.ks), c.eval_batch)
+    log_job(job, "linear_hidden", None if job.reuse_run_id else {"w": w, "b": b}, curves, params)
+    return {"layer": l, "metrics": metrics, "train_s": train_s, "trained": not job.reuse_run_id}
+
+
+def linear_vocab_job(job: LayerJob) -> dict:
+    """Direct vocabulary probe (no model needed: a plain Ray task). Inputs standardised with streamed
+    statistics of the training rows; see VocabProbe for the parameterisation."""
+    s, c, l = job.samples, job.conf, job.layer
+    t0 = time.perf_counter()
+    curves: dict = {}
+    if job.reuse_run_id:
+        probe = VocabProbe.from_state(load_state(job, "linear_vocab"))
+    else:
+        n, s1, s2, targets = 0, 0.0, 0.0, []
+        for sl in blocks(s.train, s.chunk_rows):
+            d = read_block(s, l, sl)
+            h = d["h"].double()
+            n, s1, s2 = n + h.shape[0], s1 + h.sum(0), s2 + (h * h).sum(0)
+            targets.append(d["greedy"])
+        mu = s1 / n
+        sd = (s2 / n - mu * mu).clamp_min(0).sqrt().clamp_min(1e-6)
+        greedy = torch.cat(targets)
+        vocab = torch.unique(greedy)
+        counts = torch.stack([torch.bincount(torch.searchsorted(vocab, greedy[:, k].contiguous()), minlength=vocab.numel())
+                              for k in range(greedy.shape[1])]).float()
+        prior = torch.log(counts + 0.1) - torch.log(counts.sum(1, keepdim=True))
+        batches = minibatches(s, l, s.train, c.vocab_batch, s.chunk_rows, c.seed + l)
+        probe, losses = fit_vocab_probe(batches, vocab, mu.float(), sd.float(), greedy.shape[1], c.vocab_rank,
+                                        c.vocab_steps, c.vocab_lr, c.vocab_weight_decay, prior, c.seed + l)
+        curves["loss"] = losses
+    train_s = time.perf_counter() - t0
+    test = read_block(s, l, s.test)
+    metrics = [score(probe.logprobs(test["h"], n, s.vocab_size), test["greedy"][:, n], tuple(c.ks))
+               for n in range(test["greedy"].shape[1])]
+    log_job(job, "linear_vocab", None if job.reuse_run_id else probe.state(), curves,
+            {"rank": c.vocab_rank, "steps": c.vocab_steps, "vocab": int(probe.vocab.numel())})
+    return {"layer": l, "metrics": metrics, "train_s": train_s, "trained": not job.reuse_run_id}

@@ -113,7 +113,7 @@ class _LogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        p = z.float()
+        p = z.to(torch.promote_types(z.dtype, torch.float32), copy=True)  # fp32 or better; a copy, z stays intact
         m = p.amax(-1, keepdim=True)
         s = p.sub_(m).exp_().sum(-1, keepdim=True)
         ctx.save_for_backward(p.div_(s))
@@ -157,11 +157,13 @@ def train_translator(
     d_model: int,
     epochs: int,
     lr: float,
+    steps_per_epoch: int,
     weight_decay: float = 0.0,
     compute_dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ) -> tuple[Translator, list[float]]:
-    """Fit one layer's translator by Adam on KL(final || lens); `batches(epoch)` yields (h [B, d], Targets).
+    """Fit one layer's translator by AdamW on KL(final || lens), the learning rate decaying linearly to zero
+    over epochs * steps_per_epoch steps; `batches(epoch)` yields (h [B, d], Targets).
 
     The frozen readout runs in `compute_dtype` (bf16 matmuls are ~3x faster on CPUs with AVX-512 BF16 and
     GPUs; the translator, loss and optimizer stay fp32). Returns the translator and the per-step losses."""
@@ -169,6 +171,8 @@ def train_translator(
     head = readout if compute_dtype == readout.weight.dtype else copy.deepcopy(readout).to(compute_dtype)
     tr = Translator(d_model)
     opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * steps_per_epoch)  # linear decay to zero: large steps early, settled at the end
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
     losses: list[float] = []
     for epoch in range(epochs):
         for h, tgt in batches(epoch):
@@ -177,6 +181,7 @@ def train_translator(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
     return tr.eval().requires_grad_(False), losses
 
@@ -219,23 +224,179 @@ def token_batches(
 
 
 @torch.no_grad()
-def grid_data(lm: LM, prompt: str, translators: dict[int, Translator] | None = None,
-              max_tokens: int | None = None) -> tuple[list[str], list[int], list[list[str]], np.ndarray]:
-    """Layer x token grid of one prompt for `plots.lens_grid`: each cell is the lens' top next token and its
-    probability, logit lens when `translators` is None, tuned lens otherwise (layers without one: identity)."""
+def prompt_states(lm: LM, prompt: str, max_tokens: int | None = None) -> dict:
+    """Every resid layer of one prompt (float32 [n_layers + 1, tokens, d]), its tokens, and the tokenizer to name
+    the lens' predictions: enough to draw the grid for any lens away from the model (driver side)."""
     enc = lm.encode([prompt], max_tokens)
     n = int(enc["last"][0]) + 1
     layers = list(range(lm.n_layers + 1))
     with trace(lm, reads=[Read("resid", l) for l in layers]) as t:
         lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    cells, probs = [], np.zeros((len(layers), n))
-    for i, l in enumerate(layers):
-        h = t["resid", l][0, :n]
-        if translators is not None and l in translators:
-            h = translators[l].to(lm.device)(h.float()).to(lm.dtype)
-        p = torch.softmax(lm.decode(h).float(), -1)
-        top_p, top_id = p.max(-1)
-        probs[i] = top_p.cpu().numpy()
-        cells.append([lm.tokenizer.decode([int(k)]) for k in top_id])
+    states = torch.stack([t["resid", l][0, :n] for l in layers]).float().cpu()
     tokens = [lm.tokenizer.decode([int(k)]) for k in enc["input_ids"][0, :n]]
-    return tokens, layers, cells, probs
+    return {"tokens": tokens, "states": states, "tokenizer": lm.tokenizer}
+
+
+@torch.no_grad()
+def grid_cells(readout: Readout, states: torch.Tensor, tokenizer,
+               translators: dict[int, Translator] | None = None) -> tuple[list[int], list[list[str]], np.ndarray]:
+    """Layer x token grid for `plots.lens_grid`: each cell is the lens' top next token and its probability;
+    logit lens when `translators` is None, tuned lens otherwise (a layer without a translator: identity)."""
+    layers = list(range(states.shape[0]))
+    cells, probs = [], np.zeros(states.shape[:2])
+    for l in layers:
+        h = states[l]
+        if translators is not None and l in translators:
+            h = translators[l](h)
+        top_p, top_id = torch.softmax(readout(h).float(), -1).max(-1)
+        probs[l] = top_p.numpy()
+        cells.append([tokenizer.decode([int(k)]) for k in top_id])
+    return layers, cells, probs
+
+
+# ---- store-backed jobs (run as Ray tasks by flows/logit_lens.py; plain functions, testable without Ray) ----
+
+TRANSLATORS_FILE = "tuned_lens/translators.safetensors"
+
+
+def _resolve(x):
+    """Ray passes big shared inputs (readout, targets) as object refs inside job items; tests pass values."""
+    if type(x).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(x)
+    return x
+
+
+def readout_of(lm: LM, _: object = None) -> Readout:
+    """Model-actor side: the final norm + unembedding the lens tasks need, without the rest of the model."""
+    return Readout.from_lm(lm)
+
+
+@dataclass(frozen=True)
+class TargetsJob:
+    url: str
+    layer: int  # the model's last resid layer (n_layers)
+    rows: range
+    readout: object  # Readout or its ray.put ref
+
+
+def targets_job(job: TargetsJob) -> Targets:
+    """Targets of every real token of a block of prompts, from the stored last layer."""
+    from tasks.store import Activations
+
+    acts = Activations(job.url)
+    block = acts.layer(job.layer, slice(job.rows.start, job.rows.stop))
+    h = flatten_tokens(block, acts.lengths[job.rows.start:job.rows.stop])
+    return final_targets(_resolve(job.readout), h)
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    url: str
+    layer: int
+    last_layer: int
+    train_rows: range
+    eval_rows: range
+    readout: object  # Readout or ray ref
+    targets: object  # Targets of every token of the store, or ray ref
+    epochs: int = 2
+    batch_tokens: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    compute_dtype: str = "bfloat16"
+    seed: int = 0
+    translator: dict[str, torch.Tensor] | None = None  # given: evaluate only (reuse / cache hit)
+    parent: object = None  # tracking.RunRef: log a child run with the loss curve and the translator
+    key: str = ""  # cache identity, tagged on the child run
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_layer(job: LayerJob) -> dict:
+    """One layer of the tuned lens: train its translator (streamed from the store) unless given, then evaluate
+    logit and tuned lens on the held-out prompts. The last layer's translator is the identity by definition."""
+    from tasks.store import Activations
+
+    dev = _device()
+    readout = _resolve(job.readout).to(dev)
+    targets = _resolve(job.targets)
+    targets = Targets(targets.u.to(dev), targets.c.to(dev), targets.top1.to(dev))
+    acts = Activations(job.url)
+    lengths = acts.lengths
+    step = acts.chunk_rows
+
+    def batches(rows: range, shuffle_seed: int | None):
+        starts = range(rows.start, rows.stop, step)
+        blocks = zip(starts, acts.iter_layer(job.layer, step, slice(rows.start, rows.stop)))
+        for h, tgt in token_batches(blocks, lengths, targets, job.batch_tokens, rows, shuffle_seed):
+            yield h.to(dev), tgt
+
+    losses: list[float] = []
+    trained = False
+    if job.translator is not None:
+        tr = Translator.from_tensors(job.translator)
+    elif job.layer == job.last_layer:
+        tr = Translator(acts.d_model)
+    else:
+        n_train = int(lengths[job.train_rows.start:job.train_rows.stop].sum())
+        tr, losses = train_translator(
+            readout, lambda epoch: batches(job.train_rows, job.seed * 1000 + epoch), acts.d_model, job.epochs, job.lr,
+            -(-n_train // job.batch_tokens), job.weight_decay, getattr(torch, job.compute_dtype), job.seed)
+        trained = True
+    tr = tr.to(dev)
+    n_eval = int(lengths[job.eval_rows.start:job.eval_rows.stop].sum())
+    logit = evaluate(readout, batches(job.eval_rows, None))
+    tuned = evaluate(readout, batches(job.eval_rows, None), tr)
+    out = {"layer": job.layer, "translator": tr.cpu().tensors(), "losses": losses, "trained": trained,
+           "eval_tokens": n_eval, "logit": logit, "tuned": tuned}
+    if trained and job.parent is not None:
+        _log_layer(job, out)
+    return out
+
+
+def _log_layer(job: LayerJob, out: dict) -> None:
+    """Child run per trained layer: its loss curve, held-out metrics and translator (a resumable cache entry)."""
+    from tasks import tracking
+
+    params = {"layer": job.layer, "epochs": job.epochs, "batch_tokens": job.batch_tokens, "lr": job.lr,
+              "weight_decay": job.weight_decay, "compute_dtype": job.compute_dtype, "seed": job.seed}
+    with tracking.child_run(job.parent, f"tuned-lens-layer-{job.layer:02d}", params) as ref:
+        tracking.set_tags(ref, {"lens_key": job.key, "layer": job.layer})
+        tracking.log_series(ref, "train.kl", out["losses"])
+        tracking.log_metrics(ref, {"heldout.logit_lens.kl_to_final": out["logit"]["kl_to_final"],
+                                   "heldout.tuned_lens.kl_to_final": out["tuned"]["kl_to_final"],
+                                   "heldout.tuned_lens.top1_agree": out["tuned"]["top1_agree"]})
+        tracking.log_tensors(ref, out["translator"], "translator.safetensors")
+
+
+def translators_to_tensors(translators: dict[int, Translator | dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    flat = {}
+    for layer, tr in translators.items():
+        for name, value in (tr.tensors() if isinstance(tr, Translator) else tr).items():
+            flat[f"layer_{layer:02d}.{name}"] = value
+    return flat
+
+
+def translators_from_tensors(flat: dict[str, torch.Tensor]) -> dict[int, Translator]:
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        layer, name = key.split(".", 1)
+        by_layer.setdefault(int(layer.removeprefix("layer_")), {})[name] = value
+    return {l: Translator.from_tensors(t) for l, t in sorted(by_layer.items())}
+
+
+def save_translators(ref, translators: dict[int, Translator | dict[str, torch.Tensor]]) -> None:
+    """All layers' translators as one safetensors artifact of the run (tensors layer_03.weight, layer_03.bias)."""
+    from tasks import tracking
+
+    tracking.log_tensors(ref, translators_to_tensors(translators), TRANSLATORS_FILE)
+
+
+def load_translators(tracking_uri: str, run_id: str) -> dict[int, Translator]:
+    """A previous logit-lens run's tuned lens, by run id."""
+    from tasks import tracking
+
+    return translators_from_tensors(tracking.load_tensors(tracking_uri, run_id, TRANSLATORS_FILE))

@@ -74,7 +74,7 @@ def pair_overlaps(sets: dict[str, np.ndarray], pairs: list[tuple[str, str]], per
 def active_sets(codes: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, threshold: float | np.ndarray = 0.0) -> np.ndarray:
     """bool [n, F]: feature f is active in text i if codes[i, t, f] > threshold at any masked-in token t."""
     c = torch.as_tensor(codes)
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.bool).to(c.device)
+    m = (mask if torch.is_tensor(mask) else torch.from_numpy(np.asarray(mask))).to(device=c.device, dtype=torch.bool)
     thr = torch.as_tensor(threshold, dtype=c.dtype, device=c.device)
     return ((c > thr) & m[..., None]).any(1).cpu().numpy()
 
@@ -85,8 +85,9 @@ def sae_active_sets(sae: SparseAutoencoder, acts: Activations, layer: int, skip_
     out, start = [], 0
     for block in acts.iter_layer(layer, batch_rows):
         mask = token_mask(acts.token_ids[start:start + block.shape[0]], skip_first)
-        z = torch.zeros(*mask.shape, sae.width)
-        z[torch.from_numpy(mask)] = sae.encode(torch.from_numpy(block[mask]))
+        device = sae.W_dec.device
+        z = torch.zeros(*mask.shape, sae.width, device=device)
+        z[torch.from_numpy(mask).to(device)] = sae.encode(torch.from_numpy(block[mask]).to(device))
         out.append(active_sets(z, mask))
         start += block.shape[0]
     return np.concatenate(out)
@@ -116,7 +117,8 @@ def _neuron_acts(lm: LM, job: NeuronJob) -> tuple[dict[int, torch.Tensor], torch
 def neuron_quantiles(lm: LM, job: NeuronJob) -> dict[int, np.ndarray]:
     """Actor side: per-neuron activation quantile over the job's real tokens, per block (calibrates 'active')."""
     acts, mask = _neuron_acts(lm, job)
-    return {b: torch.quantile(a[mask], job.quantile, dim=0).cpu().numpy() for b, a in acts.items()}
+    k = max(1, int(np.ceil(job.quantile * int(mask.sum()))))  # kthvalue: torch.quantile caps its input at 2^24
+    return {b: a[mask].kthvalue(k, dim=0).values.cpu().numpy() for b, a in acts.items()}
 
 
 @torch.inference_mode()

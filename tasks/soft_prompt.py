@@ -15,6 +15,7 @@ batch; each sample then costs 1 + (n_future - 1) positions instead of P + n_futu
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,11 @@ def teacher_logprobs(lm: LM, final: torch.Tensor) -> torch.Tensor:
 def train_soft_prompt(lm: LM, layer: int, batches, init: torch.Tensor, steps: int, lr: float
                       ) -> tuple[torch.Tensor, list[float]]:
     """Adam (warm-up, cosine decay) on sum_N KL(p_model(. | T+N) || p_lens(. | N)); `batches` yields dicts with
-    h [b, d], greedy [b, N], final [b, N, d]. Returns the prompt [P, d] and the loss curve."""
+    h [b, d], greedy [b, N], final [b, N, d]. lr is relative to the RMS of the initial prompt (Adam moves each
+    coordinate by about lr per step, so embedding scales differing 100x across models need no retuning).
+    Returns the prompt [P, d] and the loss curve."""
     soft = init.detach().clone().float().to(lm.device).requires_grad_(True)
-    opt = torch.optim.Adam([soft], lr=lr)
+    opt = torch.optim.Adam([soft], lr=lr * float(init.float().pow(2).mean().sqrt()))
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))) + 0.05)
@@ -122,3 +125,38 @@ def lens_generate(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Tensor, n_f
         toks = torch.cat([toks, top.indices[:, None]], 1)
         probs.append(top.values)
     return toks.cpu(), torch.stack(probs, 1).cpu()
+
+
+def fixed_prompt_job(lm: LM, job) -> dict:
+    """Every configured generic prompt at one source layer (evaluation only: nothing is trained)."""
+    from tasks.future_lens import read_block
+
+    c = job.conf
+    test = read_block(job.samples, job.layer, job.samples.test)
+    per_prompt = [evaluate_prompt(lm, prompt_embeddings(lm, text), job.layer, test["h"], test["greedy"], c.eval_batch,
+                                  tuple(c.ks)) for text in c.fixed_prompts]
+    return {"layer": job.layer, "per_prompt": per_prompt, "trained": False}
+
+
+def soft_prompt_job(lm: LM, job) -> dict:
+    """Train (or load, with reuse_run_id) the learned prompt of one source layer, then evaluate it."""
+    from tasks.future_lens import load_state, log_job, minibatches, read_block
+
+    s, c, l = job.samples, job.conf, job.layer
+    t0 = time.perf_counter()
+    curves: dict = {}
+    if job.reuse_run_id:
+        prompt = load_state(job, "soft_prompt")["prompt"]
+    else:
+        init = prompt_embeddings(lm, c.soft_prompt_init, c.soft_prompt_len)
+        batches = minibatches(s, l, s.train, c.soft_prompt_batch, s.chunk_rows, c.seed + l)
+        prompt, losses = train_soft_prompt(lm, l, batches, init, c.soft_prompt_steps, c.soft_prompt_lr)
+        curves["loss"] = losses
+    train_s = time.perf_counter() - t0
+    test = read_block(s, l, s.test)
+    metrics = evaluate_prompt(lm, prompt, l, test["h"], test["greedy"], c.eval_batch, tuple(c.ks))
+    log_job(job, "soft_prompt", None if job.reuse_run_id else {"prompt": prompt}, curves,
+            {"steps": c.soft_prompt_steps, "batch": c.soft_prompt_batch, "lr": c.soft_prompt_lr, "length": c.soft_prompt_len})
+    samples = c.soft_prompt_steps * c.soft_prompt_batch
+    return {"layer": l, "metrics": metrics, "train_s": train_s, "trained": not job.reuse_run_id,
+            "samples_per_s": samples / train_s if train_s > 0 and not job.reuse_run_id else None}

@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import FunctionVectorsConf, ModelConf
 from tasks.function_vectors import (
     function_vector, indirect_effects, last_token_logits, mean_head_outputs, top_heads,
 )
 from tasks.icl import Template, answer_token, available_tasks, demonstrations, load_pairs, split
-from tasks.models import load_model
-
-FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-gpt_neox"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def lm(request):
-    return load_model(ModelConf(name=request.param, dtype="float32", device="cpu"))
+@pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
+def lm(request, tiny_lms):
+    return tiny_lms[request.param]
 
 
 def _prompt(n_shots=4, seed=0):
@@ -156,3 +152,49 @@ def test_builtin_and_user_tasks(tmp_path):
     from tasks.config import ConfigError
     with pytest.raises(ConfigError):
         load_pairs("nope")
+
+
+def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, tracking_uri):
+    from mlflow.tracking import MlflowClient
+    from safetensors.numpy import load_file
+
+    from flows.function_vectors import function_vectors_flow
+    from tasks.tracking import local_uri
+
+    overrides = [
+        "model.name=tiny-llama", f"tracking.uri={tracking_uri}", "ray.actors=1",
+        "function_vectors.tasks=[antonym, country_capital]", "function_vectors.n_shots=3",
+        "function_vectors.n_clean=3", "function_vectors.n_shuffled=2", "function_vectors.n_test=4",
+        "function_vectors.demo_sets=2", "function_vectors.filter_correct=false", "function_vectors.top_k=3",
+        "function_vectors.layer_sweep_stride=2", "function_vectors.transfer_targets=[antonym_french]",
+        f"function_vectors.cache_dir={tmp_path / 'cache'}",
+    ]
+    out = function_vectors_flow(config="conf/default.yaml", overrides=overrides)
+    assert out["tasks"] == 2 and out["layer"] == 4 // 3 and len(out["heads"]) == 3 and out["sweeps_cached"] == 0
+    client = MlflowClient(local_uri(tracking_uri))
+    run_id = out["run_id"]
+    metrics = client.get_run(run_id).data.metrics
+    for task in ("antonym", "country_capital"):
+        for kind in ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv"):
+            assert 0.0 <= metrics[f"fv.{task}.{kind}.acc"] <= 1.0
+    assert metrics["fv.mean.zero_shot.acc"] == pytest.approx(
+        (metrics["fv.antonym.zero_shot.acc"] + metrics["fv.country_capital.zero_shot.acc"]) / 2)
+    assert "fv.transfer.antonym_french.zero_shot_fv.acc" in metrics
+    assert sorted(m.step for m in client.get_metric_history(run_id, "fv.layer_sweep.zero_shot_fv.acc")) == [0, 2]
+
+    art = tmp_path / "art"
+    aie = np.load(client.download_artifacts(run_id, "aie.npy", str(art)))
+    per_task = np.load(client.download_artifacts(run_id, "fv/indirect_effects.npy", str(art)))
+    assert aie.shape == (4, 4) and per_task.shape == (2, 4, 4)
+    np.testing.assert_allclose(aie, per_task.mean(0), atol=1e-7)
+    heads = json.loads(open(client.download_artifacts(run_id, "fv/heads.json", str(art))).read())["heads"]
+    assert [(h["layer"], h["head"]) for h in heads] == [tuple(h) for h in out["heads"]]
+    top = sorted(aie.flatten())[-3:]
+    assert sorted(h["aie"] for h in heads) == pytest.approx(top)
+    fvs = load_file(client.download_artifacts(run_id, "fv/function_vectors.safetensors", str(art)))
+    assert set(fvs) == {"antonym", "country_capital"} and fvs["antonym"].shape == (64,)
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/fv_aie.png", "plots/fv_layer_sweep.png"}
+
+    again = function_vectors_flow(config="conf/default.yaml", overrides=overrides)  # resume: sweeps from the cache
+    assert again["sweeps_cached"] == 2
+    assert again["heads"] == out["heads"] and again["mean"] == pytest.approx(out["mean"], nan_ok=True)

@@ -85,6 +85,10 @@ def test_topk_gives_exactly_k_active_features_which_are_the_top_pre_activations(
     pre = sae.pre_acts(x)
     top = pre.topk(5, dim=-1).indices.sort(-1).values
     assert torch.equal((z > 0).nonzero()[:, 1].view(64, 5).sort(-1).values, top)
+    x_hat, z_fwd = sae(x)  # the training path decodes with a gather; it must equal the dense decode
+    assert torch.equal(z_fwd, z)
+    dense = (z @ sae.W_dec + sae.b_dec) * sae.scale
+    assert torch.allclose(x_hat, dense, atol=1e-5)
 
 
 def test_evaluate_matches_direct_fve_and_l0():

