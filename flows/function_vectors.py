@@ -64,7 +64,8 @@ def _nanmean(values: list[float]) -> float:
 
 def _table(evals: dict[str, dict], transfer: dict[str, dict]) -> str:
     rows = ["| task | icl | n | zero-shot | +FV | shuffled | +FV | natural | +FV |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in [*evals.items(), ("**mean**", {"metrics": _means(evals)})]:
+    total = sum(r["metrics"].get("n_eval", 0) for r in evals.values())
+    for name, r in [*evals.items(), ("**mean**", {"metrics": {**_means(evals), "n_eval": total}})]:
         m = r["metrics"]
         cells = " | ".join(f"{m.get(f'{k}.acc', float('nan')):.2f}" for k in KINDS)
         rows.append(f"| {name} | {m.get('icl.acc', float('nan')):.2f} | {m.get('n_eval', 0):.0f} | {cells} |")

@@ -249,7 +249,8 @@ def _soft_prompt_layers(uri: str, run_id: str) -> list[int]:
 
 
 @torch.no_grad()
-def render_grid(conf: Config, prompt: str, run_id: str | None = None) -> dict[str, str]:
+def render_grid(conf: Config, prompt: str, run_id: str | None = None, out_dir: str | Path = ".lensflow/grids"
+                ) -> dict[str, str]:
     """Layer x token grid for `prompt`: each cell shows the logit-lens token and, after '→', the tokens the
     learned prompt of that layer decodes from the state (greedy, n_future of them); colour = the lens's
     probability of its first token. Soft prompts come from run_id, else future_lens.reuse_run_id, else
@@ -288,7 +289,7 @@ def render_grid(conf: Config, prompt: str, run_id: str | None = None) -> dict[st
         cells.append(row)
     title = f"Future Lens: {prompt!r} ({conf.model.name}, soft prompts of run {run_id[:8]})"
     fig, page = lens_grid(tokens, layers, cells, probs, title)
-    out_dir = Path(".lensflow") / "grids"
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
     png, html = out_dir / f"future_lens_{slug}.png", out_dir / f"future_lens_{slug}.html"

@@ -40,9 +40,11 @@ LENSES = {"logit": "logit_lens", "tuned": "tuned_lens"}
 
 
 def lens_config(conf: Config) -> Config:
-    """The store variant the lenses train on: every position of the first lenses.max_prompts texts."""
+    """The store variant the lenses train on: every resid layer at every position of the first
+    lenses.max_prompts texts (the final layer supplies the targets, every other layer gets a translator)."""
     n = conf.lenses.max_prompts or conf.data.max_prompts
-    return with_overrides(conf, {"store.positions": "all", "data.max_prompts": n})
+    return with_overrides(conf, {"store.positions": "all", "store.layers": None, "store.sites": ["resid"],
+                                 "data.max_prompts": n})
 
 
 def split(n: int, heldout: float) -> tuple[range, range]:
@@ -156,6 +158,9 @@ def logit_lens_flow(config: str = "conf/default.yaml", overrides: list[str] | No
         results = map_tasks(run_layer, jobs, "tuned lens: train + evaluate per layer", conf.ray, num_cpus=1,
                             num_gpus=lc.gpus_per_task)
         timings["layers_s"] = time.perf_counter() - t0
+        timings["layers_cpu_s"] = sum(r["cpu_s"] for r in results)
+        for r in results:
+            tracking.log_metrics(run, {"lenses.layer_wall_s": r["wall_s"], "lenses.layer_cpu_s": r["cpu_s"]}, step=r["layer"])
         translators = {r["layer"]: r["translator"] for r in results}
         save_translators(run, translators)
         trained = sum(r["trained"] for r in results)

@@ -91,8 +91,8 @@ class FutureLensConf(Section):
     ngram_order: int = Field(default=4, ge=2)
     linear_layers: list[int] | None = None  # None = every resid layer 0..n_layers
     causal_layers: list[int] | None = None  # fixed/learned prompts; None = every causal_layer_stride-th, last included
-    causal_layer_stride: int = Field(default=3, gt=0)
-    ridge: list[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]  # relative penalties, chosen on a validation tenth of train
+    causal_layer_stride: int = Field(default=5, gt=0)
+    ridge: list[float] = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # relative penalties, chosen on a validation tenth of train
     hidden_kl_steps: int = Field(default=0, ge=0)  # optional KL fine-tune of the ridge map
     hidden_kl_lr: float = Field(default=1e-3, gt=0)
     vocab_rank: int = Field(default=64, gt=0)
@@ -103,7 +103,7 @@ class FutureLensConf(Section):
     fixed_prompts: list[str] = ['Hello! Could you please tell me more about "', "Tell me about"]
     soft_prompt_len: int = Field(default=10, gt=0)
     soft_prompt_init: str = 'Hello! Could you please tell me more about "'
-    soft_prompt_steps: int = Field(default=60, ge=0)
+    soft_prompt_steps: int = Field(default=80, ge=0)
     soft_prompt_batch: int = Field(default=16, gt=0)
     soft_prompt_lr: float = Field(default=0.1, gt=0)  # relative to the RMS of the initial prompt embeddings
     eval_batch: int = Field(default=50, gt=0)
@@ -160,7 +160,7 @@ class LensesConf(Section):
     heldout: float = Field(default=0.2, gt=0, lt=1)
     epochs: int = Field(default=2, gt=0)
     batch_tokens: int = Field(default=64, gt=0)
-    lr: float = Field(default=1e-3, gt=0)  # AdamW, linear decay to zero
+    lr: float = Field(default=2e-3, gt=0)  # AdamW, linear decay to zero
     weight_decay: float = Field(default=0.0, ge=0)
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # frozen unembedding matmuls while training
     seed: int = 0

@@ -305,7 +305,7 @@ def task_eval(lm: LM, job: EvalJob) -> dict:
     """Accuracy with and without the task's function vector on test queries the model solves at n_shots:
     zero-shot, shuffled-label n_shots, natural-text templates, and zero-shot with the vector at other layers."""
     conf = job.task.conf
-    fv = function_vector(lm, job.heads, torch.as_tensor(job.head_means)) * conf.scale
+    fv = function_vector(lm, job.heads, torch.tensor(job.head_means)) * conf.scale
     queries = job.task.split.test[: conf.n_test]
     icl, _ = _icl_accuracy(lm, job.task, queries, False, "test_clean")
     kept = [q for q, ok in zip(queries, icl) if ok or not conf.filter_correct]
@@ -330,7 +330,7 @@ def transfer_eval(lm: LM, job: TransferJob) -> dict[str, float]:
     """Source-task vector added to the target task's zero-shot prompts: how often the first answer token is
     the target-language answer."""
     conf = job.target.conf
-    fv = function_vector(lm, job.heads, torch.as_tensor(job.head_means)) * conf.scale
+    fv = function_vector(lm, job.heads, torch.tensor(job.head_means)) * conf.scale
     queries = job.target.split.test[: conf.n_test]
     plain, with_fv = _zero_shot(lm, conf, queries, conf.query_template, fv, job.layer)
     return {"acc": _mean(plain), "fv.acc": _mean(with_fv), "n": float(len(queries))}

@@ -13,6 +13,7 @@ instead of a vocab-sized distribution recomputed for every layer and step; the l
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -320,6 +321,7 @@ def run_layer(job: LayerJob) -> dict:
     logit and tuned lens on the held-out prompts. The last layer's translator is the identity by definition."""
     from tasks.store import Activations
 
+    t0, c0 = time.perf_counter(), time.process_time()
     dev = _device()
     readout = _resolve(job.readout).to(dev)
     targets = _resolve(job.targets)
@@ -351,7 +353,8 @@ def run_layer(job: LayerJob) -> dict:
     logit = evaluate(readout, batches(job.eval_rows, None))
     tuned = evaluate(readout, batches(job.eval_rows, None), tr)
     out = {"layer": job.layer, "translator": tr.cpu().tensors(), "losses": losses, "trained": trained,
-           "eval_tokens": n_eval, "logit": logit, "tuned": tuned}
+           "eval_tokens": n_eval, "logit": logit, "tuned": tuned,
+           "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}  # cpu: contention-free cost
     if trained and job.parent is not None:
         _log_layer(job, out)
     return out

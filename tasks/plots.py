@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -11,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def layer_curves(
@@ -87,3 +89,15 @@ def lens_grid(
         f"<h3>{html.escape(title)}</h3><table><tr><th>layer</th>{head}</tr>{''.join(rows)}</table>"
     )
     return fig, page
+
+
+def save_grid(fig: Figure, page: str, name: str, prompt: str, out_dir: str | Path = ".lensflow/grids") -> dict[str, Path]:
+    """Write a lens grid as PNG and HTML under out_dir, named after the lens and the prompt; closes the figure."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
+    paths = {"png": out / f"{name}_{slug}.png", "html": out / f"{name}_{slug}.html"}
+    fig.savefig(paths["png"], dpi=130)
+    paths["html"].write_text(page)
+    plt.close(fig)
+    return paths

@@ -26,6 +26,7 @@ from torch import nn
 from tasks.store import Activations
 
 ACTIVATIONS = ("topk", "relu")
+FORMAT = 2  # saved-state layout; part of the reuse key, so SAEs saved by older code are retrained, not misloaded
 
 
 class SparseAutoencoder(nn.Module):
@@ -230,7 +231,7 @@ class LayerJob:
         import hashlib
         import json
 
-        payload = [self.url.rsplit("/", 1)[-1], self.layer, self.width, self.activation, self.k, self.spec.__dict__,
+        payload = [FORMAT, self.url.rsplit("/", 1)[-1], self.layer, self.width, self.activation, self.k, self.spec.__dict__,
                    self.holdout, self.skip_first]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

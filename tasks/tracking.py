@@ -87,12 +87,19 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
     for i in range(0, len(params), 100):
         client.log_batch(ref.run_id, params=params[i : i + 100])
     print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {uri}")
-    try:
+    with _terminated(ref):
         yield ref
+
+
+@contextmanager
+def _terminated(ref: RunRef) -> Iterator[None]:
+    """FINISHED when the block completes, FAILED (and re-raised) when it does not."""
+    try:
+        yield
     except BaseException:
-        client.set_terminated(ref.run_id, "FAILED")
+        ref.client.set_terminated(ref.run_id, "FAILED")
         raise
-    client.set_terminated(ref.run_id, "FINISHED")
+    ref.client.set_terminated(ref.run_id, "FINISHED")
 
 
 def tag_model(ref: RunRef, info: Mapping[str, object]) -> None:
@@ -140,6 +147,10 @@ def _log_file(ref: RunRef, write, artifact_file: str) -> None:
         ref.client.log_artifact(ref.run_id, str(path), artifact_path=folder or None)
 
 
+def log_file(ref: RunRef, path: str | Path, artifact_dir: str | None = None) -> None:
+    ref.client.log_artifact(ref.run_id, str(path), artifact_path=artifact_dir)
+
+
 def log_array(ref: RunRef, array: np.ndarray, artifact_file: str) -> None:
     _log_file(ref, lambda p: np.save(p, array), artifact_file)
 
@@ -179,9 +190,5 @@ def child_run(parent: RunRef, name: str, params: Mapping[str, object] | None = N
     ref = RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)
     if params:
         client.log_batch(ref.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    try:
+    with _terminated(ref):
         yield ref
-    except BaseException:
-        client.set_terminated(ref.run_id, "FAILED")
-        raise
-    client.set_terminated(ref.run_id, "FINISHED")

@@ -260,3 +260,11 @@ def test_reuse_by_run_id_evaluates_without_retraining(tiny_samples, monkeypatch)
             assert m_again == pytest.approx(m_trained, rel=1e-5)
     with pytest.raises(Exception):  # a run without the artifacts cannot be reused silently
         fl.linear_hidden_job(lm, fl.LayerJob(3, s, fc, run2, reuse_run_id=run.run_id))
+
+    # the grid reads the same soft prompt back: one row (layer 2) by one column per prompt token
+    from flows.future_lens import render_grid
+
+    out = render_grid(conf, "ab cd", run.run_id, out_dir=tiny_samples[2].targets_url + "_grid")
+    page = open(out["html"]).read()
+    assert page.count("<tr><th>2</th>") == 1 and page.count("<td ") == len(lm.tokenizer("ab cd")["input_ids"])
+    assert open(out["png"], "rb").read(4) == b"\x89PNG"
