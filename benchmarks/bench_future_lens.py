@@ -21,7 +21,7 @@ from tasks.future_lens import (PrepItem, RidgeStats, candidate_windows, decoded_
                                memory_batches, prepare_windows, scan_texts)
 from tasks.hooks import Read, trace
 from tasks.models import load_model
-from tasks.soft_prompt import lens_logprobs, prompt_embeddings, teacher_logprobs, train_soft_prompt
+from tasks.soft_prompt import prompt_embeddings, teacher_logprobs, train_soft_prompt
 
 
 def samples(lm, n_texts: int, layer: int, max_tokens: int = 48) -> dict[str, torch.Tensor]:
@@ -71,7 +71,6 @@ def soft_prompt_throughput(lm, data: dict, layer: int, steps: int, batch: int, c
     for name, sec in (("shared-prompt KV cache", cached), ("plain full sequence", plain)):
         print(f"  {name:24s}{n / sec:10.1f}{sec / steps:9.2f}{sec / steps * conf_steps:24.0f}")
     print(f"  speed-up of the cache: {plain / cached:.2f}x")
-    _ = lens_logprobs  # (imported for readers: the loss the flow trains)
 
 
 def linear_approximation(lm, data: dict, layer: int, ks=(1, 5)) -> None:
@@ -86,10 +85,9 @@ def linear_approximation(lm, data: dict, layer: int, ks=(1, 5)) -> None:
     fit, val = RidgeStats(), RidgeStats()
     fit.add(tr["h"][:-n_val], y[:-n_val])
     val.add(tr["h"][-n_val:], y[-n_val:])
-    _, _, info = fit_ridge(fit, val, FutureLensConf().ridge)
-    full = RidgeStats()
-    full.add(tr["h"], y)
-    w, b, _ = fit_ridge(full, None, [info["ridge"]])
+    ridges = FutureLensConf().ridge
+    _, _, info = fit_ridge(fit, val, ridges, 4)
+    w, b, _ = fit_ridge(fit.merge(val), None, ridges, 4, chosen=info["ridge"])
     closed = time.perf_counter() - t0
     res = {}
     res["closed-form ridge"] = (closed, decoded_scores(lm, (te["h"] @ w + b).view(len(te["h"]), 4, -1), te["greedy"], ks, 50))
@@ -100,7 +98,7 @@ def linear_approximation(lm, data: dict, layer: int, ks=(1, 5)) -> None:
         res[f"Adam MSE, {steps} steps"] = (sec, decoded_scores(lm, (te["h"] @ w2 + b2).view(len(te["h"]), 4, -1),
                                                                te["greedy"], ks, 50))
     print(f"\n[linear model approximation] layer {layer}: {n_tr} train / {len(te['h'])} test samples "
-          f"(ridge chosen: {info['ridge']:g})")
+          f"(ridge chosen per N: {info['ridge']})")
     print(f"  {'':24s}{'fit s':>8s}" + "".join(f"{f'P@1 N={n}':>10s}" for n in range(4)) + f"{'vs ridge time':>15s}")
     for name, (sec, m) in res.items():
         print(f"  {name:24s}{sec:8.2f}" + "".join(f"{x['p_at_1']:10.3f}" for x in m) + f"{sec / closed:14.1f}x")

@@ -70,16 +70,15 @@ def compute_targets(conf: Config, url: str, n: int, last_layer: int, readout_ref
 
 def _family_key(conf: Config, url: str, train: range, evals: range) -> str:
     """Identity of a translator training job minus its layer: same store, split and hyperparameters."""
-    lc = conf.lenses
+    hp = {"epochs", "batch_tokens", "lr", "weight_decay", "compute_dtype", "seed"}
     ident = {"store": url, "train": [train.start, train.stop], "eval": [evals.start, evals.stop],
-             "hp": lc.model_dump(mode="json", include={"epochs", "batch_tokens", "lr", "weight_decay", "compute_dtype", "seed"})}
+             "hp": conf.lenses.model_dump(mode="json", include=hp)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cached_translators(run: tracking.RunRef, key: str) -> dict[int, dict]:
     """Translators from finished child runs of identical jobs (an interrupted or repeated flow resumes here)."""
-    runs = run.client.search_runs([run.experiment_id], f"tags.lens_key = '{key}' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"])
+    runs = tracking.finished_runs(run.tracking_uri, run.experiment_id, {"lens_key": key})
     found: dict[int, str] = {}
     for r in runs:
         found.setdefault(int(r.data.tags["layer"]), r.info.run_id)
@@ -96,7 +95,8 @@ def log_results(run: tracking.RunRef, results: list[dict], title: str) -> dict:
         for k, v in metrics.items():
             series.setdefault(k, {})[r["layer"]] = v
     for metric, label in (("kl_to_final", "KL(final || lens), nats"), ("top1_agree", "top-1 agreement with the model")):
-        fig = layer_curves({metric: {f"{lens} lens": series[f"{name}.{metric}"] for lens, name in LENSES.items()}}, label, title)
+        curves = {f"{lens} lens": series[f"{name}.{metric}"] for lens, name in LENSES.items()}
+        fig = layer_curves({metric: curves}, label, title)
         tracking.log_figure(run, fig, f"plots/{metric}.png")
     inner = [l for l in layers if l != max(layers)]
     better = [l for l in inner if series["tuned_lens.kl_to_final"][l] < series["logit_lens.kl_to_final"][l]]
@@ -159,20 +159,21 @@ def logit_lens_flow(config: str = "conf/default.yaml", overrides: list[str] | No
                             num_gpus=lc.gpus_per_task)
         timings["layers_s"] = time.perf_counter() - t0
         timings["layers_cpu_s"] = sum(r["cpu_s"] for r in results)
-        for r in results:
-            tracking.log_metrics(run, {"lenses.layer_wall_s": r["wall_s"], "lenses.layer_cpu_s": r["cpu_s"]}, step=r["layer"])
+        for k in ("wall_s", "cpu_s"):  # cpu: the cost per layer on an idle core, whatever else shares the machine
+            tracking.log_series(run, f"lenses.layer_{k}", {r["layer"]: r[k] for r in results})
         translators = {r["layer"]: r["translator"] for r in results}
         save_translators(run, translators)
         trained = sum(r["trained"] for r in results)
-        tracking.set_tags(run, {"lenses.key": key, "lenses.trained_layers": trained, "lenses.split":
-                                f"train prompts {train_rows.start}-{train_rows.stop - 1}, held-out {eval_rows.start}-{eval_rows.stop - 1}"})
-        summary = log_results(run, results, f"logit vs tuned lens, {conf.model.name} (held-out tokens)")
+        split_text = f"train prompts {train_rows.start}-{train_rows.stop - 1}, held-out {eval_rows.start}-{eval_rows.stop - 1}"
+        tracking.set_tags(run, {"lenses.key": key, "lenses.trained_layers": trained, "lenses.split": split_text})
+        summary = log_results(run, results, f"{conf.model.name}, held-out tokens")
         log_grids(run, readout, grid, {l: Translator.from_tensors(t) for l, t in translators.items()}, lc.grid_prompt,
                   conf.model.name)
         timings["total_s"] = time.perf_counter() - t_start
         tracking.log_metrics(run, {f"lenses.time.{k}": v for k, v in timings.items()})
     print(summary["table"])
-    print(f"mean KL: logit {summary['logit_lens.kl_to_final_mean']:.3f}, tuned {summary['tuned_lens.kl_to_final_mean']:.3f}; "
+    print(f"mean KL: logit {summary['logit_lens.kl_to_final_mean']:.3f}, "
+          f"tuned {summary['tuned_lens.kl_to_final_mean']:.3f}; "
           f"tuned better at {summary['tuned_lens.better_layers']}/{n_layers} layers below the last")
     print(f"MLflow run: {run.run_id}; timings: " + ", ".join(f"{k}={v:.0f}s" for k, v in timings.items()))
     return {"run_id": run.run_id, "store": url, "trained_layers": trained, "timings": timings,

@@ -79,7 +79,8 @@ def _log_overlaps(run: tracking.RunRef, prefix: str, per_layer: dict[int, dict])
     for layer, r in per_layer.items():
         ov = r["overlap"]
         gaps[layer] = float(np.mean([v["translated"] - v["unrelated"] for v in ov.values()]))
-        metrics = {f"{prefix}.{kind}.{pair}": v[kind] for pair, v in ov.items() for kind in ("translated", "unrelated")}
+        metrics = {f"{prefix}.{kind}.{pair}": v[kind] for pair, v in ov.items()
+                   for kind in ("translated", "unrelated", "gap_se")}
         metrics.update({f"{prefix}.gap": gaps[layer], **{f"{prefix}.size.{l}": s for l, s in r["size"].items()}})
         tracking.log_metrics(run, metrics, step=layer)
     return gaps

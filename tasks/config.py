@@ -107,6 +107,7 @@ class FutureLensConf(Section):
     soft_prompt_batch: int = Field(default=16, gt=0)
     soft_prompt_lr: float = Field(default=0.1, gt=0)  # relative to the RMS of the initial prompt embeddings
     eval_batch: int = Field(default=50, gt=0)
+    teacher_forcing: bool = True  # causal methods at N>0 see the model's greedy tokens; False = the lens's own
     reuse_run_id: str | None = None  # evaluate probes and soft prompts saved by this run instead of training
     seed: int = 0
 

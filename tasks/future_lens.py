@@ -149,33 +149,44 @@ class RidgeStats:
     sy: torch.Tensor | None = None
     hh: torch.Tensor | None = None
     hy: torch.Tensor | None = None
-    yy: float = 0.0
+    yy: torch.Tensor | None = None  # per output dimension
 
     def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
         h, y = h.double(), y.double()
         if self.hh is None:
             self.sh, self.sy = h.new_zeros(h.shape[1]), y.new_zeros(y.shape[1])
             self.hh, self.hy = h.new_zeros(h.shape[1], h.shape[1]), h.new_zeros(h.shape[1], y.shape[1])
+            self.yy = y.new_zeros(y.shape[1])
         self.n += h.shape[0]
         self.sh += h.sum(0)
         self.sy += y.sum(0)
         self.hh += h.T @ h
         self.hy += h.T @ y
-        self.yy += float((y * y).sum())
+        self.yy += (y * y).sum(0)
 
-    def centred(self, mh: torch.Tensor, my: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def merge(self, other: RidgeStats) -> RidgeStats:
+        out = RidgeStats(self.n + other.n)
+        for name in ("sh", "sy", "hh", "hy", "yy"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def centred(self, mh: torch.Tensor, my: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gram matrices of h - mh, y - my (means of some other set, e.g. the fitting rows)."""
         n, sh, sy = self.n, self.sh, self.sy
         hh = self.hh - torch.outer(sh, mh) - torch.outer(mh, sh) + n * torch.outer(mh, mh)
         hy = self.hy - torch.outer(sh, my) - torch.outer(mh, sy) + n * torch.outer(mh, my)
-        yy = self.yy - 2 * float(sy @ my) + n * float(my @ my)
+        yy = self.yy - 2 * sy * my + n * my * my
         return hh, hy, yy
 
 
-def fit_ridge(fit: RidgeStats, val: RidgeStats | None, ridges: list[float]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def fit_ridge(fit: RidgeStats, val: RidgeStats | None, ridges: list[float], groups: int = 1,
+              chosen: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Closed-form ridge y ~ (h - mh) W + my. The penalty is relative (lambda * mean eigenvalue of the Gram
     matrix), so one grid works at every layer whatever the activation scale; it is chosen on `val` by
-    squared error computed from statistics alone (one eigendecomposition, every lambda nearly free)."""
+    squared error computed from statistics alone (one eigendecomposition, every lambda nearly free),
+    separately for each of `groups` equal blocks of output columns (one per future offset N: the next
+    token's state is far more predictable than later ones and wants far less shrinkage). chosen: one
+    penalty per block, no selection (the refit on all training rows)."""
     mh, my = fit.sh / fit.n, fit.sy / fit.n
     hh, hy, _ = fit.centred(mh, my)
     evals, evecs = torch.linalg.eigh(hh)
@@ -186,18 +197,21 @@ def fit_ridge(fit: RidgeStats, val: RidgeStats | None, ridges: list[float]) -> t
     def solve(lam: float) -> torch.Tensor:
         return evecs @ (proj / (evals + lam * scale).unsqueeze(1))
 
+    width = hy.shape[1] // groups
+    best = list(chosen) if chosen is not None else [ridges[0]] * groups
     info: dict = {"val_mse": {}}
-    best = ridges[0]
-    if val is not None and val.n and len(ridges) > 1:
+    if chosen is None and val is not None and val.n and len(ridges) > 1:
         vhh, vhy, vyy = val.centred(mh, my)
         errs = {}
         for lam in ridges:
             w = solve(lam)
-            errs[lam] = (vyy - 2 * float((w * vhy).sum()) + float((w * (vhh @ w)).sum())) / val.n
-        best = min(errs, key=errs.get)
-        info["val_mse"] = errs
+            per_col = vyy - 2 * (w * vhy).sum(0) + (w * (vhh @ w)).sum(0)
+            errs[lam] = (per_col.view(groups, width).sum(1) / val.n).tolist()
+        best = [min(ridges, key=lambda lam: errs[lam][g]) for g in range(groups)]
+        info["val_mse"] = {lam: sum(e) for lam, e in errs.items()}
     info["ridge"] = best
-    w = solve(best)
+    sols = {lam: solve(lam) for lam in set(best)}
+    w = torch.cat([sols[lam][:, g * width : (g + 1) * width] for g, lam in enumerate(best)], 1)
     return w.float(), (my - mh @ w).float(), info
 
 
@@ -484,12 +498,9 @@ def linear_hidden_job(lm: LM, job: LayerJob) -> dict:
                 fit.add(d["h"][:cut], y[:cut])
             if cut < y.shape[0]:
                 val.add(d["h"][cut:], y[cut:])
-        _, _, info = fit_ridge(fit, val, c.ridge)
-        for name in ("n", "yy"):
-            setattr(fit, name, getattr(fit, name) + getattr(val, name))
-        for name in ("sh", "sy", "hh", "hy"):
-            setattr(fit, name, getattr(fit, name) + getattr(val, name))
-        w, b, _ = fit_ridge(fit, None, [info["ridge"]])
+        groups = int(read_block(s, None, slice(0, 1))["greedy"].shape[1])  # one penalty per offset N
+        _, _, info = fit_ridge(fit, val, c.ridge, groups)
+        w, b, _ = fit_ridge(fit.merge(val), None, c.ridge, groups, chosen=info["ridge"])
         curves["ridge_val_mse"] = list(info["val_mse"].values())
         params = {"ridge": info["ridge"], "ridge_grid": c.ridge}
         if c.hidden_kl_steps:

@@ -27,7 +27,8 @@ TINY_PREFIX = "tiny-"
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Attribute paths, relative to the *ForCausalLM module (blocks, norm, unembed) or to one block."""
+    """Attribute paths, relative to the *ForCausalLM module (base, blocks, norm) or to one block.
+    The unembedding needs no entry: transformers exposes it as get_output_embeddings()."""
 
     base: str
     blocks: str
@@ -35,16 +36,15 @@ class ArchSpec:
     mlp: str
     mlp_down: str  # the MLP's last projection; its input holds the neuron activations
     final_norm: str
-    unembed: str
 
 
-_LLAMA_LIKE = ArchSpec("model", "model.layers", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm", "lm_head")
+_LLAMA_LIKE = ArchSpec("model", "model.layers", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm")
 ARCHITECTURES: dict[str, ArchSpec] = {
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3")},
-    "gpt2": ArchSpec("transformer", "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj", "transformer.ln_f", "lm_head"),
-    "gptj": ArchSpec("transformer", "transformer.h", "attn.out_proj", "mlp", "mlp.fc_out", "transformer.ln_f", "lm_head"),
+    "gpt2": ArchSpec("transformer", "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj", "transformer.ln_f"),
+    "gptj": ArchSpec("transformer", "transformer.h", "attn.out_proj", "mlp", "mlp.fc_out", "transformer.ln_f"),
     "gpt_neox": ArchSpec(
-        "gpt_neox", "gpt_neox.layers", "attention.dense", "mlp", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"
+        "gpt_neox", "gpt_neox.layers", "attention.dense", "mlp", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"
     ),
 }
 
@@ -92,7 +92,7 @@ class LM:
 
     @property
     def unembed(self) -> nn.Module:
-        return self._get(self.spec.unembed)
+        return self.model.get_output_embeddings()  # every family names its own (lm_head, embed_out, ...)
 
     def attn_out(self, layer: int) -> nn.Module:
         return self._get(self.spec.attn_out, self.blocks[layer])

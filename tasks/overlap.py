@@ -61,13 +61,15 @@ def parse_pairs(languages: list[str], pairs: list[str] | None) -> list[tuple[str
 
 
 def pair_overlaps(sets: dict[str, np.ndarray], pairs: list[tuple[str, str]], perm: np.ndarray) -> dict[str, dict[str, float]]:
-    """{'en-fr': {'translated': mean J(A_i, B_i), 'unrelated': mean J(A_i, B_perm[i])}} from per-language bool [n, F]."""
+    """{'en-fr': {'translated': mean J(A_i, B_i), 'unrelated': mean J(A_i, B_perm[i]), 'gap_se': standard error of
+    the paired difference}} from per-language bool [n, F]. The gap is paired by paragraph i (same A_i on both sides),
+    so its standard error says whether a small gap is more than paragraph-to-paragraph noise."""
     out = {}
     for a, b in pairs:
-        out[f"{a}-{b}"] = {
-            "translated": float(np.nanmean(jaccard(sets[a], sets[b]))),
-            "unrelated": float(np.nanmean(jaccard(sets[a], sets[b][perm]))),
-        }
+        t, u = jaccard(sets[a], sets[b]), jaccard(sets[a], sets[b][perm])
+        d = (t - u)[np.isfinite(t - u)]
+        out[f"{a}-{b}"] = {"translated": float(np.nanmean(t)), "unrelated": float(np.nanmean(u)),
+                           "gap_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
     return out
 
 

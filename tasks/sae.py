@@ -152,9 +152,9 @@ def train(sae: SparseAutoencoder, blocks, spec: TrainSpec) -> list[float]:
     fitted = False
     carry = torch.empty(0, device=device)
     while len(losses) < spec.steps:
-        seen = False
+        tokens = 0
         for block in blocks():
-            seen = True
+            tokens += block.shape[0]
             block = torch.from_numpy(block).to(device)
             x = torch.cat([carry, block]) if carry.numel() else block
             if not fitted:
@@ -173,7 +173,7 @@ def train(sae: SparseAutoencoder, blocks, spec: TrainSpec) -> list[float]:
                 if len(losses) >= spec.steps:
                     return losses
             carry = x[n_full * spec.batch_tokens:]
-        if not seen:
+        if tokens == 0:
             raise ValueError("SAE training data is empty (no tokens in the training rows)")
         if not losses and carry.shape[0] > 0:  # less data than one batch: train on what there is
             spec = TrainSpec(**{**spec.__dict__, "batch_tokens": carry.shape[0]})
@@ -240,11 +240,9 @@ class LayerJob:
 
 
 def _reuse(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]] | None:
-    from tasks.tracking import load_tensors
+    from tasks.tracking import finished_runs, load_tensors
 
-    client = job.ref.client
-    runs = client.search_runs([job.ref.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.sae_key = '{job.key}' and attributes.status = 'FINISHED'")
+    runs = finished_runs(job.ref.tracking_uri, job.ref.experiment_id, {"sae_key": job.key}, max_results=1)
     if not runs:
         return None
     run = runs[0]

@@ -170,15 +170,17 @@ def load_tensors(tracking_uri: str, run_id: str, artifact_file: str) -> dict:
     return load_file(path)
 
 
+def finished_runs(tracking_uri: str, experiment_id: str, tags: Mapping[str, str], max_results: int = 1000) -> list:
+    """Finished runs carrying these tags, newest first: how trained artifacts are found again (resume, reuse)."""
+    where = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'FINISHED'"])
+    return MlflowClient(local_uri(tracking_uri)).search_runs([experiment_id], filter_string=where,
+                                                            order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
 def latest_run(tracking_uri: str, experiment: str, flow: str) -> str | None:
     """The newest finished run of a flow: the default source of trained artifacts for `lensflow lens`."""
-    uri = local_uri(tracking_uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.flow = '{flow}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    exp = MlflowClient(local_uri(tracking_uri)).get_experiment_by_name(experiment)
+    runs = finished_runs(tracking_uri, exp.experiment_id, {"flow": flow}, max_results=1) if exp else []
     return runs[0].info.run_id if runs else None
 
 

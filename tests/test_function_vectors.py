@@ -166,7 +166,8 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
         "function_vectors.tasks=[antonym, country_capital]", "function_vectors.n_shots=3",
         "function_vectors.n_clean=3", "function_vectors.n_shuffled=2", "function_vectors.n_test=4",
         "function_vectors.demo_sets=2", "function_vectors.filter_correct=false", "function_vectors.top_k=3",
-        "function_vectors.layer_sweep_stride=2", "function_vectors.transfer_targets=[antonym_french]",
+        "function_vectors.layer=null", "function_vectors.layer_sweep_stride=2",
+        "function_vectors.transfer_targets=[antonym_french]",
         f"function_vectors.cache_dir={tmp_path / 'cache'}",
     ]
     out = function_vectors_flow(config="conf/default.yaml", overrides=overrides)

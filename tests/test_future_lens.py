@@ -110,8 +110,9 @@ def test_last_layer_transplant_reproduces_model_prediction(lm):
     h, preds = torch.stack(hs), torch.tensor(preds)
     greedy = torch.stack([preds, preds], 1)  # N=1 tokens are irrelevant to N=0
     for prompt in (prompt_embeddings(lm, "Hello! Could you please tell me more about"), torch.randn(10, lm.d_model)):
-        m = evaluate_prompt(lm, prompt, lm.n_layers, h, greedy, batch=2, ks=(1,))
-        assert m[0]["p_at_1"] == 1.0
+        for forced in (True, False):
+            m = evaluate_prompt(lm, prompt, lm.n_layers, h, greedy, batch=2, ks=(1,), teacher_forcing=forced)
+            assert m[0]["p_at_1"] == 1.0
 
 
 def test_score_against_naive_reference():
@@ -154,13 +155,15 @@ def test_streamed_ridge_equals_least_squares():
     ref = torch.linalg.lstsq(x, y.double()).solution
     torch.testing.assert_close(w.double(), ref[:8], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b.double(), ref[8], atol=1e-3, rtol=1e-3)
-    # validation selection: with pure-noise targets, heavy shrinkage must win
-    val = RidgeStats()
-    val.add(torch.randn(200, 8, generator=g), torch.randn(200, 5, generator=g))
-    noise = RidgeStats()
-    noise.add(h, torch.randn(300, 5, generator=g))
-    _, _, info = fit_ridge(noise, val, [1e-6, 1e3])
-    assert info["ridge"] == 1e3
+    # validation selection, one penalty per output block: exact signal -> light, pure noise -> heavy shrinkage
+    def stats(rows):
+        hv = torch.randn(rows, 8, generator=g)
+        st = RidgeStats()
+        st.add(hv, torch.cat([hv @ torch.ones(8, 5), torch.randn(rows, 5, generator=g)], 1))
+        return st
+
+    _, _, info = fit_ridge(stats(300), stats(200), [1e-6, 1e3], groups=2)
+    assert info["ridge"] == [1e-6, 1e3]
 
 
 def test_vocab_probe_learns_a_linear_code():

@@ -27,7 +27,7 @@ def _states(lm, texts, layers, max_tokens=32):
     return {l: torch.cat(v) for l, v in out.items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gptj"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gptj", "gpt_neox"])
 def test_logit_lens_at_last_layer_is_the_model(tiny_lms, family):
     lm = tiny_lms[family]
     readout = Readout.from_lm(lm)

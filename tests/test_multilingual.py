@@ -50,6 +50,8 @@ def test_pair_overlaps_translated_vs_unrelated():
 
     assert got["translated"] == pytest.approx(np.mean([direct(i, i) for i in range(n)]))
     assert got["unrelated"] == pytest.approx(np.mean([direct(i, perm[i]) for i in range(n)]))
+    diffs = [direct(i, i) - direct(i, perm[i]) for i in range(n)]
+    assert got["gap_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(n))
     assert got["translated"] > got["unrelated"]
 
 
