@@ -38,7 +38,7 @@ from tasks.future_lens import (METHODS, LayerJob, PrepItem, Samples, candidate_w
                                write_targets)
 from tasks.models import prepare
 from tasks.ngram import NGram, ngram_logits
-from tasks.plots import layer_curves, lens_grid
+from tasks.plots import save_grid, layer_curves, lens_grid
 from tasks.soft_prompt import fixed_prompt_job, soft_prompt_job
 
 
@@ -289,17 +289,10 @@ def render_grid(conf: Config, prompt: str, run_id: str | None = None, out_dir: s
         cells.append(row)
     title = f"Future Lens: {prompt!r} ({conf.model.name}, soft prompts of run {run_id[:8]})"
     fig, page = lens_grid(tokens, layers, cells, probs, title)
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
-    png, html = out_dir / f"future_lens_{slug}.png", out_dir / f"future_lens_{slug}.html"
-    fig.savefig(png, dpi=130)
-    html.write_text(page)
+    paths = save_grid(fig, page, "future_lens", prompt, Path(out_dir).resolve())
+    png, html = paths["png"], paths["html"]
     ref = tracking.RunRef(tracking.local_uri(uri), "", run_id)
-    ref.client.log_artifact(run_id, str(png), "grids")
-    ref.client.log_artifact(run_id, str(html), "grids")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    for path in paths.values():
+        tracking.log_file(ref, path, "grids")
     print(f"grid: {png} and {html} (logged to run {run_id} under grids/)")
     return {"png": str(png), "html": str(html), "run_id": run_id}

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -33,7 +31,7 @@ from tasks.data import load_prompts
 from tasks.lenses import (LayerJob, Readout, Targets, TargetsJob, Translator, grid_cells, load_translators, prompt_states,
                           readout_of, run_layer, save_translators, targets_job)
 from tasks.models import prepare
-from tasks.plots import layer_curves, lens_grid
+from tasks.plots import save_grid, layer_curves, lens_grid
 
 FLOW = "logit-lens"
 LENSES = {"logit": "logit_lens", "tuned": "tuned_lens"}
@@ -203,19 +201,11 @@ def render_grid(conf: Config, prompt: str, lens: str = "logit", run_id: str | No
     layers, cells, probs = grid_cells(Readout.from_lm(lm), grid["states"], lm.tokenizer, translators)
     source = f", translators of run {run_id[:8]}" if translators is not None else ""
     fig, page = lens_grid(grid["tokens"], layers, cells, probs, f"{lens} lens: {prompt!r} ({conf.model.name}{source})")
-    out_dir = Path(".lensflow") / "grids"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "prompt"
-    png, html = out_dir / f"{lens}_lens_{slug}.png", out_dir / f"{lens}_lens_{slug}.html"
-    fig.savefig(png, dpi=130)
-    html.write_text(page)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    out = {"png": str(png), "html": str(html)}
+    paths = save_grid(fig, page, f"{lens}_lens", prompt)
+    out = {k: str(v) for k, v in paths.items()}
     if run_id:
         ref = tracking.RunRef(tracking.local_uri(uri), "", run_id)
-        ref.client.log_artifact(run_id, str(png), "grids")
-        ref.client.log_artifact(run_id, str(html), "grids")
+        for path in paths.values():
+            tracking.log_file(ref, path, "grids")
         out["run_id"] = run_id
     return out
