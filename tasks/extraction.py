@@ -16,7 +16,7 @@ import torch
 
 from tasks import store
 from tasks.actors import ModelPool
-from tasks.config import Config
+from tasks.config import Config, ConfigError
 from tasks.hooks import Read, trace
 from tasks.models import LM
 
@@ -83,8 +83,6 @@ def plan(conf: Config, texts: list[str], info: dict, label: str) -> tuple[str, s
     layers = sorted(set(sc.layers)) if sc.layers is not None else list(range(n_layers + 1))
     bad = [l for l in layers if not 0 <= l <= n_layers]
     if bad:
-        from tasks.config import ConfigError
-
         raise ConfigError(f"config key 'store.layers': {bad} out of range 0..{n_layers} for {info['name']}")
     blocks = [l for l in layers if l < n_layers] if sc.layers is not None else list(range(n_layers))
     identity = {

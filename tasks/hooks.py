@@ -130,7 +130,7 @@ def trace(lm: LM, reads: list[Read] = (), edits: list[Edit] = (), stop_at: int |
     handles = []
     heads = lm.n_heads
 
-    def make(site: str, layer: int, pre: bool):
+    def make(site: str, layer: int):
         stop = site == "resid" and layer == stop_at
 
         def pre_hook(module, args, kwargs):
@@ -157,7 +157,7 @@ def trace(lm: LM, reads: list[Read] = (), edits: list[Edit] = (), stop_at: int |
     try:
         for site, layer in sorted(points):
             module, pre = _module_for(lm, site, layer)
-            pre_hook, post_hook = make(site, layer, pre)
+            pre_hook, post_hook = make(site, layer)
             handles.append(
                 module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre else module.register_forward_hook(post_hook)
             )
