@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import extraction, store  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.data import builtin_texts  # noqa: E402
-from tasks.models import load_model  # noqa: E402
+from lensflow.tasks import extraction, store  # noqa: E402
+from lensflow.tasks.config import load_config  # noqa: E402
+from lensflow.tasks.data import builtin_texts  # noqa: E402
+from lensflow.tasks.models import load_model  # noqa: E402
 
 
 def setup(args):

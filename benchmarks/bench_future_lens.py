@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from tasks.config import FutureLensConf, ModelConf
-from tasks.data import builtin_texts
-from tasks.future_lens import (PrepItem, RidgeStats, candidate_windows, decoded_scores, fit_linear_sgd, fit_ridge,
+from lensflow.tasks.config import FutureLensConf, ModelConf
+from lensflow.tasks.data import builtin_texts
+from lensflow.tasks.future_lens import (PrepItem, RidgeStats, candidate_windows, decoded_scores, fit_linear_sgd, fit_ridge,
                                memory_batches, prepare_windows, scan_texts)
-from tasks.hooks import Read, trace
-from tasks.models import load_model
-from tasks.soft_prompt import prompt_embeddings, teacher_logprobs, train_soft_prompt
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.models import load_model
+from lensflow.tasks.soft_prompt import prompt_embeddings, teacher_logprobs, train_soft_prompt
 
 
 def samples(lm, n_texts: int, layer: int, max_tokens: int = 48) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def soft_prompt_throughput(lm, data: dict, layer: int, steps: int, batch: int, c
     cached = time.perf_counter() - t0
 
     # baseline: the same loss with the whole prompt recomputed for every sample (no shared KV cache)
-    import tasks.soft_prompt as sp
+    import lensflow.tasks.soft_prompt as sp
 
     soft = init.clone().requires_grad_(True)
     opt = torch.optim.Adam([soft], lr=1e-3)

@@ -12,11 +12,11 @@ import time
 
 import torch
 
-from tasks.config import FunctionVectorsConf, ModelConf
-from tasks.function_vectors import icl_prompts, indirect_effects, mean_head_outputs, template
-from tasks.hooks import Edit, trace
-from tasks.icl import answer_token, load_pairs, split
-from tasks.models import load_model
+from lensflow.tasks.config import FunctionVectorsConf, ModelConf
+from lensflow.tasks.function_vectors import icl_prompts, indirect_effects, mean_head_outputs, template
+from lensflow.tasks.hooks import Edit, trace
+from lensflow.tasks.icl import answer_token, load_pairs, split
+from lensflow.tasks.models import load_model
 
 
 @torch.no_grad()

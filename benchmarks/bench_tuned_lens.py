@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from tasks.config import ModelConf
-from tasks.data import builtin_texts
-from tasks.hooks import Read, trace
-from tasks.lenses import Readout, Translator, final_targets, kl_and_top1
-from tasks.models import load_model
+from lensflow.tasks.config import ModelConf
+from lensflow.tasks.data import builtin_texts
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.lenses import Readout, Translator, final_targets, kl_and_top1
+from lensflow.tasks.models import load_model
 
 
 def naive_loss(readout: Readout, tr: Translator, h: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from flows import FLOWS  # noqa: E402
-from tasks.config import ConfigError, load_config  # noqa: E402
+from lensflow.flows import FLOWS  # noqa: E402
+from lensflow.tasks.config import ConfigError, load_config  # noqa: E402
 
 
 def _resolve(target: str):
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result, indent=2, default=str))
             return 0
         if args.lens == "future":
-            out = _resolve("flows.future_lens:render_grid")(conf, args.prompt, run_id=args.run_id)
+            out = _resolve("lensflow.flows.future_lens:render_grid")(conf, args.prompt, run_id=args.run_id)
         else:
-            out = _resolve("flows.logit_lens:render_grid")(conf, args.prompt, args.lens, run_id=args.run_id)
+            out = _resolve("lensflow.flows.logit_lens:render_grid")(conf, args.prompt, args.lens, run_id=args.run_id)
         for kind, path in out.items():
             print(f"{kind}: {path}")
         return 0

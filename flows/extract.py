@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import extraction, tracking
-from tasks.actors import ModelPool
-from tasks.config import Config, load_config
-from tasks.data import load_prompts
-from tasks.models import prepare
+from lensflow.tasks import extraction, tracking
+from lensflow.tasks.actors import ModelPool
+from lensflow.tasks.config import Config, load_config
+from lensflow.tasks.data import load_prompts
+from lensflow.tasks.models import prepare
 
 
 @task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

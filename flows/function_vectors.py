@@ -22,15 +22,15 @@ import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import tracking
-from tasks.actors import ModelPool
-from tasks.config import Config, ConfigError, FunctionVectorsConf, load_config
-from tasks.extraction import describe
-from tasks.function_vectors import EvalJob, TaskJob, TransferJob, cached_sweep, default_top_k, sweep_cache_file, \
+from lensflow.tasks import tracking
+from lensflow.tasks.actors import ModelPool
+from lensflow.tasks.config import Config, ConfigError, FunctionVectorsConf, load_config
+from lensflow.tasks.extraction import describe
+from lensflow.tasks.function_vectors import EvalJob, TaskJob, TransferJob, cached_sweep, default_top_k, sweep_cache_file, \
     task_eval, top_heads, transfer_eval
-from tasks.icl import available_tasks, load_pairs, split
-from tasks.models import prepare
-from tasks.plots import heatmap, layer_curves
+from lensflow.tasks.icl import available_tasks, load_pairs, split
+from lensflow.tasks.models import prepare
+from lensflow.tasks.plots import heatmap, layer_curves
 
 KINDS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv")
 

@@ -28,18 +28,18 @@ import zarr
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.extract import log_extraction
-from tasks import extraction, tracking
-from tasks.actors import ModelPool, map_tasks
-from tasks.config import Config, ConfigError, load_config, with_overrides
-from tasks.data import load_prompts
-from tasks.future_lens import (METHODS, LayerJob, PrepItem, Samples, candidate_windows, linear_hidden_job, linear_vocab_job,
+from lensflow.flows.extract import log_extraction
+from lensflow.tasks import extraction, tracking
+from lensflow.tasks.actors import ModelPool, map_tasks
+from lensflow.tasks.config import Config, ConfigError, load_config, with_overrides
+from lensflow.tasks.data import load_prompts
+from lensflow.tasks.future_lens import (METHODS, LayerJob, PrepItem, Samples, candidate_windows, linear_hidden_job, linear_vocab_job,
                                prefixed, prepare_windows, read_block, read_targets, scan_texts, score, tokenize_texts,
                                write_targets)
-from tasks.models import prepare
-from tasks.ngram import NGram, ngram_logits
-from tasks.plots import save_grid, layer_curves, lens_grid
-from tasks.soft_prompt import fixed_prompt_job, soft_prompt_job
+from lensflow.tasks.models import prepare
+from lensflow.tasks.ngram import NGram, ngram_logits
+from lensflow.tasks.plots import save_grid, layer_curves, lens_grid
+from lensflow.tasks.soft_prompt import fixed_prompt_job, soft_prompt_job
 
 
 def _fingerprint(conf: Config, texts: list[str], info: dict) -> str:
@@ -256,9 +256,9 @@ def render_grid(conf: Config, prompt: str, run_id: str | None = None, out_dir: s
     probability of its first token. Soft prompts come from run_id, else future_lens.reuse_run_id, else
     the latest finished future-lens run of the experiment. PNG + HTML are written locally and logged to
     that run under grids/."""
-    from tasks.hooks import Read, trace
-    from tasks.models import load_model
-    from tasks.soft_prompt import lens_generate
+    from lensflow.tasks.hooks import Read, trace
+    from lensflow.tasks.models import load_model
+    from lensflow.tasks.soft_prompt import lens_generate
 
     uri = conf.tracking.uri
     run_id = run_id or conf.future_lens.reuse_run_id or tracking.latest_run(uri, conf.tracking.experiment, "future-lens")

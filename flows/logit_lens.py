@@ -23,15 +23,15 @@ import ray
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.extract import log_extraction
-from tasks import extraction, tracking
-from tasks.actors import ModelPool, map_tasks
-from tasks.config import Config, ConfigError, load_config, with_overrides
-from tasks.data import load_prompts
-from tasks.lenses import (LayerJob, Readout, Targets, TargetsJob, Translator, grid_cells, load_translators, prompt_states,
+from lensflow.flows.extract import log_extraction
+from lensflow.tasks import extraction, tracking
+from lensflow.tasks.actors import ModelPool, map_tasks
+from lensflow.tasks.config import Config, ConfigError, load_config, with_overrides
+from lensflow.tasks.data import load_prompts
+from lensflow.tasks.lenses import (LayerJob, Readout, Targets, TargetsJob, Translator, grid_cells, load_translators, prompt_states,
                           readout_of, run_layer, save_translators, targets_job)
-from tasks.models import prepare
-from tasks.plots import save_grid, layer_curves, lens_grid
+from lensflow.tasks.models import prepare
+from lensflow.tasks.plots import save_grid, layer_curves, lens_grid
 
 FLOW = "logit-lens"
 LENSES = {"logit": "logit_lens", "tuned": "tuned_lens"}
@@ -183,7 +183,7 @@ def render_grid(conf: Config, prompt: str, lens: str = "logit", run_id: str | No
     """Layer x token grid of `prompt` for the logit or tuned lens (top next token and its probability per cell).
     The tuned lens comes from run_id, else lenses.reuse_run_id, else the latest finished logit-lens run.
     PNG + HTML are written to .lensflow/grids and logged to that run (if any) under grids/."""
-    from tasks.models import load_model
+    from lensflow.tasks.models import load_model
 
     if lens not in LENSES:
         raise ConfigError(f"--lens {lens}: expected one of {', '.join(LENSES)}")

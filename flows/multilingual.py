@@ -22,18 +22,18 @@ import ray
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.extract import extract_activations, log_extraction
-from tasks import tracking
-from tasks.actors import ModelPool, map_tasks
-from tasks.config import Config, ConfigError, MultilingualConf, load_config, with_overrides
-from tasks.data import load_prompts
-from tasks.data.parallel import load_parallel
-from tasks.extraction import describe
-from tasks.models import prepare
-from tasks.overlap import NeuronJob, SAELayerJob, derangement, neuron_active_sets, neuron_quantiles, pair_overlaps, \
+from lensflow.flows.extract import extract_activations, log_extraction
+from lensflow.tasks import tracking
+from lensflow.tasks.actors import ModelPool, map_tasks
+from lensflow.tasks.config import Config, ConfigError, MultilingualConf, load_config, with_overrides
+from lensflow.tasks.data import load_prompts
+from lensflow.tasks.data.parallel import load_parallel
+from lensflow.tasks.extraction import describe
+from lensflow.tasks.models import prepare
+from lensflow.tasks.overlap import NeuronJob, SAELayerJob, derangement, neuron_active_sets, neuron_quantiles, pair_overlaps, \
     parse_pairs, sae_layer
-from tasks.plots import layer_curves
-from tasks.sae import LayerJob, TrainSpec
+from lensflow.tasks.plots import layer_curves
+from lensflow.tasks.sae import LayerJob, TrainSpec
 
 
 def choose_layers(mc: MultilingualConf, n_layers: int) -> list[int]:

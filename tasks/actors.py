@@ -15,7 +15,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from tasks.config import Config, ConfigError, ModelConf, RayConf
+from lensflow.tasks.config import Config, ConfigError, ModelConf, RayConf
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class ModelActor:
     """Holds one model; `call` runs a module-level function fn(lm, item) next to it."""
 
     def __init__(self, model: dict, torch_threads: int | None):
-        from tasks.models import load_model
+        from lensflow.tasks.models import load_model
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

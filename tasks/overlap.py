@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.hooks import Read, trace
-from tasks.models import LM
-from tasks.sae import LayerJob, SparseAutoencoder, evaluate, token_blocks, token_mask, train_layer
-from tasks.store import Activations
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.models import LM
+from lensflow.tasks.sae import LayerJob, SparseAutoencoder, evaluate, token_blocks, token_mask, train_layer
+from lensflow.tasks.store import Activations
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:

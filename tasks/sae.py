@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.store import Activations
+from lensflow.tasks.store import Activations
 
 ACTIVATIONS = ("topk", "relu")
 FORMAT = 2  # saved-state layout; part of the reuse key, so SAEs saved by older code are retrained, not misloaded
@@ -240,7 +240,7 @@ class LayerJob:
 
 
 def _reuse(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]] | None:
-    from tasks.tracking import finished_runs, load_tensors
+    from lensflow.tasks.tracking import finished_runs, load_tensors
 
     runs = finished_runs(job.ref.tracking_uri, job.ref.experiment_id, {"sae_key": job.key}, max_results=1)
     if not runs:
@@ -267,7 +267,7 @@ def train_layer(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]]:
     metrics = evaluate(sae, token_blocks(acts, job.layer, slice(n_train, acts.n), step, job.skip_first))
     if job.ref is None:
         return sae, {**metrics, "resumed": 0.0}
-    from tasks.tracking import child_run, log_metrics, log_series, log_tensors
+    from lensflow.tasks.tracking import child_run, log_metrics, log_series, log_tensors
 
     params = {"layer": job.layer, "width": job.width, "activation": job.activation, "k": job.k, **job.spec.__dict__,
               "holdout": job.holdout, "skip_first": job.skip_first, "store": job.url}

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tasks.hooks import Edit, trace
-from tasks.models import LM
+from lensflow.tasks.hooks import Edit, trace
+from lensflow.tasks.models import LM
 
 
 def prompt_embeddings(lm: LM, text: str, length: int | None = None) -> torch.Tensor:
@@ -120,7 +120,7 @@ def evaluate_prompt(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Tensor, g
                     ks: tuple[int, ...], teacher_forcing: bool = True) -> list[dict[str, float]]:
     """Metrics per offset N (list index) against the model's greedy tokens, in batches; offsets N > 0 see the
     model's greedy tokens (teacher forcing) or, with teacher_forcing=False, the lens's own."""
-    from tasks.future_lens import score
+    from lensflow.tasks.future_lens import score
 
     n_future = greedy.shape[1]
     fn = (lambda hb, gb: lens_logprobs(lm, prompt, layer, hb, gb, n_future)) if teacher_forcing else \
@@ -146,7 +146,7 @@ def lens_generate(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Tensor, n_f
 
 def fixed_prompt_job(lm: LM, job) -> dict:
     """Every configured generic prompt at one source layer (evaluation only: nothing is trained)."""
-    from tasks.future_lens import read_block
+    from lensflow.tasks.future_lens import read_block
 
     c = job.conf
     test = read_block(job.samples, job.layer, job.samples.test)
@@ -157,7 +157,7 @@ def fixed_prompt_job(lm: LM, job) -> dict:
 
 def soft_prompt_job(lm: LM, job) -> dict:
     """Train (or load, with reuse_run_id) the learned prompt of one source layer, then evaluate it."""
-    from tasks.future_lens import load_state, log_job, minibatches, read_block
+    from lensflow.tasks.future_lens import load_state, log_job, minibatches, read_block
 
     s, c, l = job.samples, job.conf, job.layer
     t0 = time.perf_counter()

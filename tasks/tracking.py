@@ -22,7 +22,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tasks.config import Config
+from lensflow.tasks.config import Config
 
 _BATCH = 900  # log_batch accepts up to 1000 metrics per call
 

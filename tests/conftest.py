@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from tasks.config import Config, ModelConf, load_config  # noqa: E402
-from tasks.models import LM, load_model  # noqa: E402
+from lensflow.tasks.config import Config, ModelConf, load_config  # noqa: E402
+from lensflow.tasks.models import LM, load_model  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gptj", "gpt_neox"]
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from tasks.config import ConfigError, load_config
-from tasks.data import load_prompts
-from tasks.models import check_mappable
+from lensflow.tasks.config import ConfigError, load_config
+from lensflow.tasks.data import load_prompts
+from lensflow.tasks.models import check_mappable
 
 
 def test_defaults_and_override_types():
@@ -81,7 +81,7 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
         (["--set", f"data.prompts_file={empty}", "--set", f"store.root={store}", "--set", "model.name=tiny-llama",
           "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"], "no prompts"),
     ]:
-        r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "extract", *args], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "lensflow.flows.cli", "run", "extract", *args], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2, r.stderr[-2000:]
         err_lines = [l for l in r.stderr.splitlines() if l.startswith("lensflow: error:")]

@@ -13,10 +13,10 @@ import ray
 import torch
 import zarr
 
-from tasks import extraction, store
-from tasks.actors import ModelPool
-from tasks.data import builtin_texts
-from tasks.models import load_model
+from lensflow.tasks import extraction, store
+from lensflow.tasks.actors import ModelPool
+from lensflow.tasks.data import builtin_texts
+from lensflow.tasks.models import load_model
 
 
 def reference(conf, texts, layers, positions="last"):

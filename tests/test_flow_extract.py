@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from flows.extract import extract_flow
-from tasks import store
+from lensflow.flows.extract import extract_flow
+from lensflow.tasks import store
 
 
 def test_extract_flow_logs_run(ray_session, prefect_harness, tmp_path, tracking_uri):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.function_vectors import (
+from lensflow.tasks.function_vectors import (
     function_vector, indirect_effects, last_token_logits, mean_head_outputs, top_heads,
 )
-from tasks.icl import Template, answer_token, available_tasks, demonstrations, load_pairs, split
+from lensflow.tasks.icl import Template, answer_token, available_tasks, demonstrations, load_pairs, split
 
 
 @pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
@@ -133,7 +133,7 @@ def test_prompt_format_and_split():
 
 
 def test_answer_is_first_token_of_continuation():
-    from tasks.models import tiny_tokenizer
+    from lensflow.tasks.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
     prompt = "Q: hot\nA:"
@@ -149,7 +149,7 @@ def test_builtin_and_user_tasks(tmp_path):
     assert load_pairs("antonym")[0] == ("hot", "cold")
     (tmp_path / "mine.json").write_text(json.dumps([{"input": str(i), "output": str(i + 1)} for i in range(8)]))
     assert load_pairs("mine", [str(tmp_path)])[2] == ("2", "3")
-    from tasks.config import ConfigError
+    from lensflow.tasks.config import ConfigError
     with pytest.raises(ConfigError):
         load_pairs("nope")
 
@@ -158,8 +158,8 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     from mlflow.tracking import MlflowClient
     from safetensors.numpy import load_file
 
-    from flows.function_vectors import function_vectors_flow
-    from tasks.tracking import local_uri
+    from lensflow.flows.function_vectors import function_vectors_flow
+    from lensflow.tasks.tracking import local_uri
 
     overrides = [
         "model.name=tiny-llama", f"tracking.uri={tracking_uri}", "ray.actors=1",

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import ModelConf
-from tasks.future_lens import (PrepItem, RidgeStats, Window, candidate_windows, fit_ridge, fit_vocab_probe, memory_batches,
+from lensflow.tasks.config import ModelConf
+from lensflow.tasks.future_lens import (PrepItem, RidgeStats, Window, candidate_windows, fit_ridge, fit_vocab_probe, memory_batches,
                                prepare_windows, scan_texts, score)
-from tasks.hooks import Read, trace
-from tasks.models import load_model
-from tasks.ngram import NGram, context_for
-from tasks.soft_prompt import evaluate_prompt, prompt_embeddings, train_soft_prompt, transplant_logits
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.models import load_model
+from lensflow.tasks.ngram import NGram, context_for
+from lensflow.tasks.soft_prompt import evaluate_prompt, prompt_embeddings, train_soft_prompt, transplant_logits
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door.",
@@ -201,10 +201,10 @@ def test_soft_prompt_training_lowers_kl():
 def tiny_samples(tmp_path_factory):
     """A real (tiny) sample set: activation store written by the extraction's own chunk code, targets by
     prepare_windows; no Ray needed."""
-    from tasks import store
-    from tasks.extraction import ChunkJob, compute_chunk, plan
-    from tasks.config import load_config
-    from tasks.future_lens import Samples, write_targets
+    from lensflow.tasks import store
+    from lensflow.tasks.extraction import ChunkJob, compute_chunk, plan
+    from lensflow.tasks.config import load_config
+    from lensflow.tasks.future_lens import Samples, write_targets
 
     lm = load_model(ModelConf(name="tiny-llama", device="cpu"))
     root = tmp_path_factory.mktemp("fl")
@@ -227,7 +227,7 @@ def tiny_samples(tmp_path_factory):
 
 def test_stored_states_feed_the_transplant_exactly(tiny_samples):
     """The store's last-layer state of each prefix, transplanted into any prompt, reproduces the greedy token."""
-    from tasks.future_lens import read_block
+    from lensflow.tasks.future_lens import read_block
 
     _, lm, s = tiny_samples
     d = read_block(s, lm.n_layers, s.test)
@@ -238,10 +238,10 @@ def test_stored_states_feed_the_transplant_exactly(tiny_samples):
 def test_reuse_by_run_id_evaluates_without_retraining(tiny_samples, monkeypatch):
     """Train every per-layer job once (artifacts to an MLflow run), then rerun with reuse_run_id: the trainers
     are never called and the test metrics are identical."""
-    import tasks.future_lens as fl
-    import tasks.soft_prompt as sp
-    from tasks import tracking
-    from tasks.config import FutureLensConf
+    import lensflow.tasks.future_lens as fl
+    import lensflow.tasks.soft_prompt as sp
+    from lensflow.tasks import tracking
+    from lensflow.tasks.config import FutureLensConf
 
     conf, lm, s = tiny_samples
     fc = FutureLensConf(soft_prompt_steps=2, soft_prompt_batch=4, vocab_steps=3, vocab_batch=8, eval_batch=4, ks=[1, 5])
@@ -265,7 +265,7 @@ def test_reuse_by_run_id_evaluates_without_retraining(tiny_samples, monkeypatch)
         fl.linear_hidden_job(lm, fl.LayerJob(3, s, fc, run2, reuse_run_id=run.run_id))
 
     # the grid reads the same soft prompt back: one row (layer 2) by one column per prompt token
-    from flows.future_lens import render_grid
+    from lensflow.flows.future_lens import render_grid
 
     out = render_grid(conf, "ab cd", run.run_id, out_dir=tiny_samples[2].targets_url + "_grid")
     page = open(out["html"]).read()

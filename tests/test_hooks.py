@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.hooks import Edit, Read, trace
+from lensflow.tasks.hooks import Edit, Read, trace
 from tests.conftest import FAMILIES
 
 TEXTS = ["The cat sat on the mat", "Hi", "A longer prompt with several words in it"]

@@ -15,9 +15,9 @@ import pytest
 import torch
 import zarr
 
-from tasks import extraction, store
-from tasks.actors import ModelPool
-from tasks.data import builtin_texts
+from lensflow.tasks import extraction, store
+from lensflow.tasks.actors import ModelPool
+from lensflow.tasks.data import builtin_texts
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_smollm2_store_matches_plain_forward(ray_session, make_conf, smollm2):
 def test_killed_run_resumes_without_recomputing(ray_session, make_conf, tmp_path):
     args = ["data.max_prompts=96", "store.chunk_size=8", "data.max_tokens=48", f"store.root={tmp_path / 'store'}"]
     conf = make_conf(*args, model="smollm2-135m")
-    cmd = [sys.executable, "-m", "flows.cli", "run", "extract", "--set", "model.name=smollm2-135m",
+    cmd = [sys.executable, "-m", "lensflow.flows.cli", "run", "extract", "--set", "model.name=smollm2-135m",
            "--set", f"tracking.uri={conf.tracking.uri}", "--set", "ray.actors=1"]
     for a in args:
         cmd += ["--set", a]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import builtin_texts
-from tasks.hooks import Read, trace
-from tasks.lenses import (Readout, Targets, Translator, evaluate, final_targets, grid_cells, kl_and_top1, load_translators,
+from lensflow.tasks.data import builtin_texts
+from lensflow.tasks.hooks import Read, trace
+from lensflow.tasks.lenses import (Readout, Targets, Translator, evaluate, final_targets, grid_cells, kl_and_top1, load_translators,
                           prompt_states, save_translators, token_batches, train_translator)
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "1 2 3 4 5 6"]
@@ -153,7 +153,7 @@ def test_translator_starts_at_identity():
 
 
 def test_translators_round_trip_by_run_id(make_conf):
-    from tasks import tracking
+    from lensflow.tasks import tracking
 
     conf = make_conf()
     translators = {}
@@ -174,11 +174,11 @@ def test_translators_round_trip_by_run_id(make_conf):
 def test_flow_end_to_end_reuse_and_grid(ray_session, prefect_harness, tmp_path, tracking_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from flows.logit_lens import render_grid, logit_lens_flow
-    from tasks.config import load_config
-    from tasks.data import load_prompts
-    from tasks.models import load_model
-    from tasks.tracking import local_uri
+    from lensflow.flows.logit_lens import render_grid, logit_lens_flow
+    from lensflow.tasks.config import load_config
+    from lensflow.tasks.data import load_prompts
+    from lensflow.tasks.models import load_model
+    from lensflow.tasks.tracking import local_uri
 
     overrides = ["model.name=tiny-llama", f"store.root={tmp_path / 'store'}", f"tracking.uri={tracking_uri}",
                  "ray.actors=1", "data.max_tokens=16", "store.chunk_size=4", "lenses.max_prompts=12",

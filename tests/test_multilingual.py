@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import store
-from tasks.config import ConfigError
-from tasks.data.parallel import load_parallel
-from tasks.models import load_model
-from tasks.config import ModelConf
-from tasks.overlap import NeuronJob, active_sets, derangement, jaccard, neuron_active_sets, pair_overlaps, sae_active_sets
-from tasks.sae import SparseAutoencoder, TrainSpec, evaluate, loss_terms, token_blocks, train
+from lensflow.tasks import store
+from lensflow.tasks.config import ConfigError
+from lensflow.tasks.data.parallel import load_parallel
+from lensflow.tasks.models import load_model
+from lensflow.tasks.config import ModelConf
+from lensflow.tasks.overlap import NeuronJob, active_sets, derangement, jaccard, neuron_active_sets, pair_overlaps, sae_active_sets
+from lensflow.tasks.sae import SparseAutoencoder, TrainSpec, evaluate, loss_terms, token_blocks, train
 
 
 # ---------------------------------------------------------------- overlap math
@@ -239,8 +239,8 @@ FR = ["Le chat dort sur le tapis chaud.", "Nous sommes allés au marché sous la
 def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from flows.multilingual import multilingual_flow
-    from tasks.tracking import load_tensors, local_uri
+    from lensflow.flows.multilingual import multilingual_flow
+    from lensflow.tasks.tracking import load_tensors, local_uri
 
     files = {"en": _write(tmp_path, "en.txt", EN), "fr": _write(tmp_path, "fr.txt", FR)}
     overrides = [

@@ -7,7 +7,7 @@ import random
 import re
 from functools import lru_cache
 
-from tasks.config import ConfigError, DataConf
+from lensflow.tasks.config import ConfigError, DataConf
 
 
 @lru_cache(maxsize=1)

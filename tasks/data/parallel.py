@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.config import ConfigError
+from lensflow.tasks.config import ConfigError
 
 CORPUS_DIR = Path(__file__).resolve().parent / "parallel"
 
