@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lensflow.flows.extract import log_extraction
 from lensflow.tasks import extraction, tracking
-from lensflow.tasks.actors import ModelPool, map_tasks
+from lensflow.tasks.actors import ModelPool, map_remote
 from lensflow.tasks.config import Config, ConfigError, load_config, with_overrides
 from lensflow.tasks.data import load_prompts
 from lensflow.tasks.future_lens import (METHODS, LayerJob, PrepItem, Samples, candidate_windows, linear_hidden_job, linear_vocab_job,
@@ -212,7 +212,7 @@ def future_lens_flow(config: str = "conf/default.yaml", overrides: list[str] | N
             hidden = model_jobs(linear_hidden_job, jobs(lin_layers), pool, "future lens: linear model approximation")
             timings["linear_hidden_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()  # the actors' CPUs are free again: the model-free probes run as plain Ray tasks
-        vocab = map_tasks(linear_vocab_job, jobs(lin_layers), "future lens: vocabulary probes", conf.ray)
+        vocab = map_remote(linear_vocab_job, jobs(lin_layers), "future lens: vocabulary probes", conf.ray)
         timings["linear_vocab_s"] = time.perf_counter() - t0
 
         # fixed prompts: each prompt under its own name, and `fixed_prompt` = the best prompt (mean P@1), as the paper reports

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lensflow.flows.extract import log_extraction
 from lensflow.tasks import extraction, tracking
-from lensflow.tasks.actors import ModelPool, map_tasks
+from lensflow.tasks.actors import ModelPool, map_remote
 from lensflow.tasks.config import Config, ConfigError, load_config, with_overrides
 from lensflow.tasks.data import load_prompts
 from lensflow.tasks.lenses import (LayerJob, Readout, Targets, TargetsJob, Translator, grid_cells, load_translators, prompt_states,
@@ -63,7 +63,7 @@ def extract_all_positions(conf: Config, texts: list[str], pool: ModelPool) -> tu
 def compute_targets(conf: Config, url: str, n: int, last_layer: int, readout_ref) -> Targets:
     step = conf.store.chunk_size
     jobs = [TargetsJob(url, last_layer, range(i, min(n, i + step)), readout_ref) for i in range(0, n, step)]
-    return Targets.cat(map_tasks(targets_job, jobs, "lens targets", conf.ray))
+    return Targets.cat(map_remote(targets_job, jobs, "lens targets", conf.ray))
 
 
 def _family_key(conf: Config, url: str, train: range, evals: range) -> str:
@@ -153,7 +153,7 @@ def logit_lens_flow(config: str = "conf/default.yaml", overrides: list[str] | No
                          lc.lr, lc.weight_decay, lc.compute_dtype, lc.seed, given.get(l), run, key)
                 for l in range(n_layers + 1)]
         t0 = time.perf_counter()
-        results = map_tasks(run_layer, jobs, "tuned lens: train + evaluate per layer", conf.ray, num_cpus=1,
+        results = map_remote(run_layer, jobs, "tuned lens: train + evaluate per layer", conf.ray, num_cpus=1,
                             num_gpus=lc.gpus_per_task)
         timings["layers_s"] = time.perf_counter() - t0
         timings["layers_cpu_s"] = sum(r["cpu_s"] for r in results)

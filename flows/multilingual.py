@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lensflow.flows.extract import extract_activations, log_extraction
 from lensflow.tasks import tracking
-from lensflow.tasks.actors import ModelPool, map_tasks
+from lensflow.tasks.actors import ModelPool, map_remote
 from lensflow.tasks.config import Config, ConfigError, MultilingualConf, load_config, with_overrides
 from lensflow.tasks.data import load_prompts
 from lensflow.tasks.data.parallel import load_parallel
@@ -138,7 +138,7 @@ def multilingual_flow(config: str = "conf/default.yaml", overrides: list[str] | 
         jobs = [SAELayerJob(LayerJob(train_url, l, sc.expansion * info["d_model"], sc.activation, sc.k, spec, sc.holdout,
                                      mc.skip_first, run), par_urls, pairs, perm.tolist()) for l in layers]
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # SAEs train on a GPU where there is one
-        results = {r["layer"]: r for r in map_tasks(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)}
+        results = {r["layer"]: r for r in map_remote(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)}
 
         for l, r in results.items():
             s = r["sae"]

@@ -1,4 +1,4 @@
-"""Ray model actors and plain Ray tasks.
+"""Ray model actors (`ModelPool.map`) and model-free Ray remote functions (`map_remote`).
 
 Model work goes to long-lived actors (loading a model per task would dominate); Ray's own fault tolerance
 (max_restarts / max_task_retries) replaces a killed actor and re-runs the item it held, so callers see
@@ -16,19 +16,23 @@ import torch
 from tqdm.auto import tqdm
 
 from lensflow.tasks.config import Config, ConfigError, ModelConf, RayConf
+from lensflow.tasks.models import ModelInfo, describe
 
 T = TypeVar("T")
 
 
 def connect(conf: RayConf) -> None:
-    """Start a local Ray (address "") or join a cluster; idempotent within a process."""
+    """Start a private local Ray (address "") or join a cluster; idempotent within a process.
+    address="local" never joins a cluster that `ray start` left on the machine (plain ray.init() would, and
+    hangs when that cluster is gone)."""
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(("LENSFLOW_", "HF_", "MLFLOW_", "TRANSFORMERS_"))}
     if conf.address:
         ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def _gpus(conf: RayConf) -> float:
@@ -79,10 +83,17 @@ class ModelPool:
         opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=rc.max_restarts)
         model = conf.model.model_dump()
         self.actors = [ModelActor.options(**opts).remote(model, threads) for _ in range(size or rc.actors)]
+        self._info: ModelInfo | None = None
 
     @property
     def size(self) -> int:
         return len(self.actors)
+
+    def describe(self) -> ModelInfo:
+        """The model's identity and shape, asked of one actor once per pool."""
+        if self._info is None:
+            self._info = self.map(describe, [None], desc="describe model")[0]
+        return self._info
 
     def map(self, fn: Callable[..., T], items: Sequence[Any], desc: str = "", in_flight: int = 2) -> list[T]:
         """fn(lm, item) for every item, order preserved; at most `in_flight` queued per actor."""
@@ -118,7 +129,7 @@ class ModelPool:
         self.close()
 
 
-def map_tasks(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayConf, num_cpus: float = 1,
+def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayConf, num_cpus: float = 1,
               num_gpus: float = 0) -> list[T]:
     """fn(item) as independent Ray tasks (retried if their worker dies), order preserved, with a progress bar."""
     connect(conf)

@@ -72,7 +72,7 @@ class TrackingConf(Section):
 
 class RayConf(Section):
     address: str = ""  # "" = start a local Ray; "auto" or "ray://head:10001" = connect
-    actors: int = Field(default=1, gt=0)
+    actors: int = Field(default=2, gt=0)  # the 2-core demo machine: one actor per core
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto = 1 when the cluster has GPUs, else 0
     max_restarts: int = Field(default=3, ge=0)
@@ -123,15 +123,15 @@ class FunctionVectorsConf(Section):
     answer_template: str = " {output}"  # the first token of this continuation is the scored answer
     separator: str = "\n\n"
     natural_templates: list[str] = ['The word "{input}" means', "When I think of {input}, I think of", "{input}:"]
-    n_clean: int = Field(default=100, gt=0)  # clean prompts per task for the mean head outputs
-    n_shuffled: int = Field(default=25, gt=0)  # shuffled-label prompts per task for the patching sweep
-    n_test: int = Field(default=50, gt=0)  # test queries per task (before keeping those right at n_shots)
-    demo_sets: int | None = Field(default=None, gt=0)  # demonstration sets shared by test queries; None = one per query
+    n_clean: int = Field(default=5, gt=0)  # clean prompts per task for the mean head outputs (paper: 100)
+    n_shuffled: int = Field(default=3, gt=0)  # shuffled-label prompts per task for the patching sweep (paper: 25)
+    n_test: int = Field(default=12, gt=0)  # test queries per task, before keeping those right at n_shots (paper: 50)
+    demo_sets: int | None = Field(default=3, gt=0)  # demonstration sets shared by test queries; None = one per query
     filter_correct: bool = True  # evaluate only test queries the model answers right at n_shots (as the paper)
     top_k: int | None = Field(default=None, gt=0)  # heads in the vector; None = min(10, all heads // 4)
-    layer: int | None = Field(default=None, ge=0)  # resid layer the vector is added at; None = n_layers // 3
+    layer: int | None = Field(default=18, ge=0)  # resid layer the vector is added at; None = n_layers // 3
     scale: float = 1.0  # multiplier on the vector when added
-    layer_sweep_stride: int = Field(default=1, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
+    layer_sweep_stride: int = Field(default=3, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
     transfer_source: str | None = "antonym"  # task whose vector is added to the transfer targets' zero-shot prompts
     transfer_targets: list[str] = ["antonym_french", "antonym_spanish"]
     pack_tokens: int = Field(default=1024, gt=0)  # most query tokens packed into one shared-prefix forward pass

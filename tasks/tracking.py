@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -102,10 +102,15 @@ def _terminated(ref: RunRef) -> Iterator[None]:
     ref.client.set_terminated(ref.run_id, "FINISHED")
 
 
-def tag_model(ref: RunRef, info: Mapping[str, object]) -> None:
-    """info: the model description from extraction.describe (or an LM's name/weights_hash)."""
-    ref.client.log_batch(ref.run_id, tags=[RunTag("model.name", str(info["name"])),
-                                           RunTag("model.weights_hash", str(info["weights_hash"]))])
+def tag_model(ref: RunRef, info) -> None:
+    """The model identity every stage key includes (info: models.ModelInfo), so runs can be matched to stages."""
+    set_tags(ref, {f"model.{k}": v for k, v in asdict(info.id).items() if v is not None})
+
+
+def log_extraction(ref: RunRef, ex, label: str) -> None:
+    """An activation store's URI and this run's extraction counters, the same way for every flow that extracts."""
+    set_tags(ref, {f"store.{label}": ex.url})
+    log_metrics(ref, {f"extract.{label}.{k}": v for k, v in ex.metrics().items()})
 
 
 def set_tags(ref: RunRef, tags: Mapping[str, object]) -> None:

@@ -46,9 +46,9 @@ def test_store_matches_plain_forward(ray_session, make_conf, model):
     conf = make_conf(model=model)
     texts = builtin_texts(20)
     with ModelPool(conf) as pool:
-        url, stats = extraction.extract(conf, texts, pool)
-    acts = store.Activations(url)
-    assert acts.n == 20 and acts.layers == list(range(5)) and stats["chunks_computed"] == 3
+        ex = extraction.extract(conf, texts, pool)
+    acts = store.Activations(ex.url)
+    assert acts.n == 20 and acts.layers == list(range(5)) and ex.chunks_computed == 3
     ref = torch.stack(reference(conf, texts, acts.layers)).numpy()
     got = acts.resid[:]
     assert np.abs(got - ref).max() <= 1e-4
@@ -63,7 +63,7 @@ def test_all_positions_heads_subset_fp16(ray_session, make_conf):
                      "store.dtype=float16")
     texts = builtin_texts(10)
     with ModelPool(conf) as pool:
-        url, _ = extraction.extract(conf, texts, pool)
+        url = extraction.extract(conf, texts, pool).url
     acts = store.Activations(url)
     assert acts.resid.dtype == np.float16 and acts.resid.shape == (10, 16, 3, 64)
     assert acts.blocks == [0, 2] and acts.group["attn_head"].shape == (10, 16, 2, 4, 16)
@@ -83,7 +83,7 @@ def test_resume_recomputes_only_missing_chunks(ray_session, make_conf):
     conf = make_conf("data.max_prompts=40")
     texts = builtin_texts(40)
     with ModelPool(conf) as pool:
-        url, _ = extraction.extract(conf, texts, pool)
+        url = extraction.extract(conf, texts, pool).url
         clean = {k: zarr.open_group(url)[k][:] for k in ("resid", "token_ids", "lengths")}
         # an interrupted run: two chunks never finished (their done flags unset, data half-written garbage)
         g = zarr.open_group(url, mode="r+")
@@ -95,8 +95,8 @@ def test_resume_recomputes_only_missing_chunks(ray_session, make_conf):
             store.Activations(url)
         before = _chunk_mtimes(url)
         time.sleep(0.05)
-        url2, stats = extraction.extract(conf, texts, pool)
-    assert url2 == url and stats["chunks_computed"] == 2 and stats["chunks_resumed"] == 3
+        again = extraction.extract(conf, texts, pool)
+    assert again.url == url and again.chunks_computed == 2 and again.chunks_resumed == 3
     after = _chunk_mtimes(url)
     rewritten = {p for p in before if after[p] != before[p]}
     assert rewritten and all(Path(p).parts[-3] in ("1", "3") for p in rewritten), rewritten
@@ -111,12 +111,12 @@ def test_killed_actor_is_replaced_and_store_completes(ray_session, make_conf):
     with ModelPool(conf) as pool:
         victim = pool.actors[0]
         pid = ray.get(victim.pid.remote())
-        worker = threading.Thread(target=lambda: result.update(zip(("url", "stats"), extraction.extract(conf, texts, pool))))
+        worker = threading.Thread(target=lambda: result.update(ex=extraction.extract(conf, texts, pool)))
         worker.start()
         done_at_kill = None
         while worker.is_alive() and done_at_kill is None:  # kill once the store shows real progress
             try:
-                done = int(sum(zarr.open_group(Path(conf.store.root).glob("prompts-*").__next__(), mode="r")["done"][:]))
+                done = int(sum(zarr.open_group(Path(conf.store.root, "activations").glob("*").__next__(), mode="r")["done"][:]))
             except (StopIteration, FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
                 done = 0
             if done >= 3:
@@ -126,8 +126,8 @@ def test_killed_actor_is_replaced_and_store_completes(ray_session, make_conf):
         worker.join()
         assert done_at_kill is not None and done_at_kill < 100  # killed mid-run
         assert ray.get(victim.pid.remote()) != pid  # Ray restarted the actor
-    acts = store.Activations(result["url"])
-    assert result["stats"]["chunks_total"] == 100 and (acts.group["done"][:] == 1).all()
+    acts = store.Activations(result["ex"].url)
+    assert result["ex"].chunks_total == 100 and (acts.group["done"][:] == 1).all()
     sample = list(range(0, 400, 7))  # every 7th prompt touches every chunk's neighbourhood, at a fraction of the cost
     ref = torch.stack(reference(conf, [texts[i] for i in sample], acts.layers)).numpy()
     assert np.abs(acts.resid[:][sample] - ref).max() <= 1e-4

@@ -13,7 +13,7 @@ def test_extract_flow_logs_run(ray_session, prefect_harness, tmp_path, tracking_
                  "data.max_prompts=20", "data.max_tokens=16", "store.chunk_size=8"]
     out = extract_flow(config="conf/default.yaml", overrides=overrides)
     acts = store.Activations(out["store"])
-    assert acts.n == 20 and acts.attrs["complete"] and acts.attrs["config"]["model"]["name"] == "tiny-gpt2"
+    assert acts.n == 20 and acts.attrs["complete"] and acts.attrs["model"] == "tiny-gpt2"
     run = MlflowClient(tracking_uri).get_run(out["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "tiny-gpt2" and run.data.params["store.chunk_size"] == "8"

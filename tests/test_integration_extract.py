@@ -26,7 +26,7 @@ def test_smollm2_store_matches_plain_forward(ray_session, make_conf, smollm2):
     conf = make_conf("data.max_tokens=32", "data.max_prompts=12", model="smollm2-135m")
     texts = builtin_texts(12)
     with ModelPool(conf) as pool:
-        url, _ = extraction.extract(conf, texts, pool)
+        url = extraction.extract(conf, texts, pool).url
     acts = store.Activations(url)
     assert acts.resid.shape == (12, 31, 576) and acts.attrs["model"] == "smollm2-135m"
     lm = smollm2
@@ -52,7 +52,7 @@ def test_killed_run_resumes_without_recomputing(ray_session, make_conf, tmp_path
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     done_at_kill, deadline = 0, time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        groups = list(Path(conf.store.root).glob("prompts-*"))
+        groups = list(Path(conf.store.root, "activations").glob("*"))
         if groups:
             try:
                 done_at_kill = int(zarr.open_group(str(groups[0]), mode="r")["done"][:].sum())
@@ -87,7 +87,7 @@ def test_killed_run_resumes_without_recomputing(ray_session, make_conf, tmp_path
     # a clean run of the same config in a fresh store gives the same arrays
     clean_conf = make_conf(*args[:-1], f"store.root={tmp_path / 'clean'}", model="smollm2-135m")
     with ModelPool(clean_conf) as pool:
-        clean_url, _ = extraction.extract(clean_conf, builtin_texts(96), pool)
+        clean_url = extraction.extract(clean_conf, builtin_texts(96), pool).url
     resumed, clean = zarr.open_group(url, mode="r"), zarr.open_group(clean_url, mode="r")
     assert resumed.attrs["complete"] is True
     for k in ("resid", "token_ids", "lengths", "done"):
