@@ -63,7 +63,13 @@ def experiment_id(uri: str, name: str) -> str:
     artifacts = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database rather than in ./mlruns of whatever cwd
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:  # a concurrent run created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextmanager
