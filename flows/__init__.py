@@ -11,7 +11,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lensflow.tasks.config import ConfigError
+from lensflow.tasks.config import Config, ConfigError
 
 FLOWS = {
     "extract": "lensflow.flows.extract:extract_flow",
@@ -20,6 +20,13 @@ FLOWS = {
     "logit-lens": "lensflow.flows.logit_lens:logit_lens_flow",
     "multilingual": "lensflow.flows.multilingual:multilingual_flow",
 }
+
+
+def check_inputs(flow: str, conf: Config) -> None:
+    """Read and validate a flow's input files (the same loaders the flow uses), before Prefect or Ray start."""
+    from lensflow.tasks.data import load_prompts
+
+    load_prompts(conf.data)
 
 
 def _retryable(task_, task_run, state) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 
@@ -13,13 +14,29 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lensflow.flows import FLOWS  # noqa: E402
-from lensflow.tasks.config import ConfigError, load_config  # noqa: E402
+from lensflow.flows import FLOWS, check_inputs  # noqa: E402
+from lensflow.tasks.config import ConfigError, load_config, public_overrides  # noqa: E402
+from lensflow.tasks.preflight import preflight  # noqa: E402
+from lensflow.tasks.redact import redact_tree  # noqa: E402
 
 
 def _resolve(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+class _NoConfigErrors(logging.Filter):
+    """Prefect logs a failed flow's exception with its traceback; a config error is the user's, and the CLI prints it
+    as one line, so Prefect's copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ConfigError) and "ConfigError" not in record.getMessage()
+
+
+def _quiet_config_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoConfigErrors())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(conf.model_dump(mode="json"), indent=2))
             return 0
         if args.cmd == "run":
-            result = _resolve(FLOWS[args.flow])(config=args.config, overrides=args.overrides)
-            print(json.dumps(result, indent=2, default=str))
+            preflight(conf, lambda c: check_inputs(args.flow, c))
+            _quiet_config_errors()
+            result = _resolve(FLOWS[args.flow])(config=args.config, overrides=public_overrides(args.overrides))
+            print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
         if args.lens == "future":
             out = _resolve("lensflow.flows.future_lens:render_grid")(conf, args.prompt, run_id=args.run_id)

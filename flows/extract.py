@@ -24,7 +24,7 @@ def extract_flow(config: str = "conf/default.yaml", overrides: list[str] | None 
         tracking.tag_model(run, pool.describe())
         tracking.log_extraction(run, ex, "prompts")
     print(f"store: {ex.url}")
-    print(f"MLflow run: {run.run_id} at {run.tracking_uri} (experiment '{conf.tracking.experiment}')")
+    print(f"MLflow run: {run.run_id} (experiment '{conf.tracking.experiment}')")
     print(f"{ex.n_prompts} prompts, {ex.chunks_computed} chunks computed, {ex.chunks_resumed} resumed, "
           f"{ex.tokens_per_s:.0f} tokens/s")
     return {"store": ex.url, "run_id": run.run_id, **ex.metrics()}

@@ -22,17 +22,27 @@ T = TypeVar("T")
 
 
 def connect(conf: RayConf) -> None:
-    """Start a private local Ray (address "") or join a cluster; idempotent within a process.
+    """Start a private local Ray on loopback (address "") or join a cluster; idempotent within a process.
     address="local" never joins a cluster that `ray start` left on the machine (plain ray.init() would, and
     hangs when that cluster is gone)."""
     if ray.is_initialized():
         return
-    env = {k: v for k, v in os.environ.items() if k.startswith(("LENSFLOW_", "HF_", "MLFLOW_", "TRANSFORMERS_"))}
+    env = {k: os.environ[k] for k in conf.env_vars if k in os.environ}  # an explicit list: no token by accident
     if conf.address:
         ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        loopback_only()
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def loopback_only() -> None:
+    """A private local Ray listens on 127.0.0.1 alone (by default GCS, raylet and workers listen on every
+    interface). Ray does this for single-machine clusters on macOS and Windows; the same switch (read by the
+    processes Ray starts, and by this one) turns it on here. Measured: every socket on 127.0.0.1."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _gpus(conf: RayConf) -> float:
@@ -42,6 +52,26 @@ def _gpus(conf: RayConf) -> float:
     if conf.gpus_per_actor > available:  # Ray would wait forever for GPUs that do not exist
         raise ConfigError(f"ray.gpus_per_actor={conf.gpus_per_actor}: the cluster has {available} GPUs")
     return float(conf.gpus_per_actor)
+
+
+def placed_actors(conf: RayConf, gpus: float, nodes: list[dict]) -> int:
+    """How many actors of conf's size the nodes (Ray resource dicts) can hold at once."""
+
+    def fits(res: dict) -> int:
+        by_cpu = int(res.get("CPU", 0) // conf.cpus_per_actor)
+        return min(by_cpu, int(res.get("GPU", 0) // gpus)) if gpus else by_cpu
+
+    return sum(fits(r) for r in nodes)
+
+
+def check_placement(conf: RayConf, gpus: float) -> None:
+    """Ray waits forever, silently, for an actor no node can hold: refuse in one line before any model loads."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    placed = placed_actors(conf, gpus, nodes)
+    if placed < conf.actors:
+        have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no live nodes"
+        raise ConfigError(f"ray.actors={conf.actors} with ray.cpus_per_actor={conf.cpus_per_actor:g} and {gpus:g} GPU "
+                          f"each: the cluster can place {placed} ({len(nodes)} node(s): {have})")
 
 
 def _to_cpu(x: Any) -> Any:
@@ -79,6 +109,7 @@ class ModelPool:
         connect(conf.ray)
         rc = conf.ray
         gpus = _gpus(rc)
+        check_placement(rc, gpus)
         threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
         opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=rc.max_restarts)
         model = conf.model.model_dump()

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lensflow.tasks.redact import MASK, redact
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
 class ConfigError(ValueError):
@@ -60,27 +67,54 @@ class StoreConf(Section):
     chunk_size: int = Field(default=32, gt=0)  # prompts per zarr chunk = one actor work item
     dtype: Literal["float16", "float32"] = "float32"
     positions: Literal["last", "all"] = "last"
-    layers: list[int] | None = None  # residual layers to keep (0 = embeddings); None = all
-    sites: list[Literal["resid", "attn_head"]] = ["resid"]
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)  # resid layers (0 = embeddings); None = all
+    sites: list[Literal["resid", "attn_head"]] = Field(default=["resid"], min_length=1)
     compression_level: int = Field(default=3, ge=0, le=9)
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty; expected a local folder or an fsspec URL such as s3://bucket/prefix")
+        return v
 
 
 class TrackingConf(Section):
-    uri: str = "sqlite:///.lensflow/mlflow.db"
-    experiment: str = "lensflow"
+    uri: str = "sqlite:///.lensflow/mlflow.db"  # or http(s)://mlflow-server:5000, or another MLflow store URI
+    experiment: str = Field(default="lensflow", min_length=1, pattern=r"\S")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = v.split(":", 1)[0].split("+", 1)[0] if ":" in v else ""
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"expected an MLflow tracking URI ({', '.join(TRACKING_SCHEMES)})")
+        return v
 
 
 class RayConf(Section):
-    address: str = ""  # "" = start a local Ray; "auto" or "ray://head:10001" = connect
+    address: str = ""  # "" = a private local Ray; "auto", ray://head:10001 (client) or head:6379 (GCS) = join
     actors: int = Field(default=2, gt=0)  # the 2-core demo machine: one actor per core
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto = 1 when the cluster has GPUs, else 0
     max_restarts: int = Field(default=3, ge=0)
     torch_threads: int | None = None  # per actor; None = cpus_per_actor
+    # environment variables copied from the driver to every Ray worker, by name (values are never logged): add
+    # e.g. HF_TOKEN, MLFLOW_TRACKING_PASSWORD or AWS_SECRET_ACCESS_KEY where the cluster's workers need them
+    env_vars: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = [
+        "LENSFLOW_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"]
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not re.fullmatch(r"|auto|(ray://)?[\w.\-]+:\d+", v):
+            raise ValueError('expected "" (a local Ray), "auto", ray://HOST:PORT or HOST:PORT')
+        return v
 
 
 class FutureLensConf(Section):
-    """Future Lens (Pal et al. 2023). Samples are cut from data.* texts; see tasks/future_lens.py."""
+    """Future Lens (Pal et al. 2023). Samples are cut from data.* texts (tasks/future_lens_samples.py); every
+    stage is found again under store.root by its key (tasks/future_lens.py)."""
 
     min_prefix_tokens: int = Field(default=4, gt=0)  # samples: positions T >= this - 1 of each text (< data.max_tokens)
     n_train: int = Field(default=800, gt=0)  # caps, after the model-correct filter
@@ -108,34 +142,42 @@ class FutureLensConf(Section):
     soft_prompt_lr: float = Field(default=0.1, gt=0)  # relative to the RMS of the initial prompt embeddings
     eval_batch: int = Field(default=50, gt=0)
     teacher_forcing: bool = True  # causal methods at N>0 see the model's greedy tokens; False = the lens's own
-    reuse_run_id: str | None = None  # evaluate probes and soft prompts saved by this run instead of training
     seed: int = 0
 
 
 class FunctionVectorsConf(Section):
     """Function vectors (Todd et al. 2024): mean head outputs, a head-patching sweep, the vector and its tests."""
 
-    tasks: list[str] | None = None  # task names; None = every built-in task plus those in task_paths
-    task_paths: list[str] = []  # extra task files or folders of <task>.json ([{"input", "output"}, ...])
-    seed: int = 0  # task splits and prompt sampling
+    icl_tasks: list[str] | None = None  # ICL task names; None = every built-in ICL task plus those in icl_task_paths
+    icl_task_paths: list[str] = []  # extra ICL task files or folders of <name>.json ([{"input", "output"}, ...])
+    seed: int = 0  # ICL task splits (train / valid / test) and prompt sampling
     n_shots: int = Field(default=10, gt=0)
     query_template: str = "Q: {input}\nA:"
     answer_template: str = " {output}"  # the first token of this continuation is the scored answer
     separator: str = "\n\n"
     natural_templates: list[str] = ['The word "{input}" means', "When I think of {input}, I think of", "{input}:"]
-    n_clean: int = Field(default=5, gt=0)  # clean prompts per task for the mean head outputs (paper: 100)
-    n_shuffled: int = Field(default=3, gt=0)  # shuffled-label prompts per task for the patching sweep (paper: 25)
-    n_test: int = Field(default=12, gt=0)  # test queries per task, before keeping those right at n_shots (paper: 50)
+    n_clean: int = Field(default=5, gt=0)  # clean prompts per ICL task for the mean head outputs (paper: 100)
+    n_shuffled: int = Field(default=3, gt=0)  # shuffled-label prompts per ICL task for the patching sweep (paper: 25)
+    n_test: int = Field(default=12, gt=0)  # test queries per ICL task, before keeping those solved at n_shots (paper: 50)
+    n_valid: int = Field(default=12, gt=0)  # validation queries per ICL task for layer=auto, filtered like n_test
     demo_sets: int | None = Field(default=3, gt=0)  # demonstration sets shared by test queries; None = one per query
     filter_correct: bool = True  # evaluate only test queries the model answers right at n_shots (as the paper)
     top_k: int | None = Field(default=None, gt=0)  # heads in the vector; None = min(10, all heads // 4)
-    layer: int | None = Field(default=18, ge=0)  # resid layer the vector is added at; None = n_layers // 3
+    layer: int | Literal["auto"] = "auto"  # resid layer the vector is added at (0 = embeddings); auto = best
+    # zero-shot accuracy with the vector on the ICL tasks' validation queries (mean over ICL tasks), among the
+    # layer sweep's layers (every layer_sweep_stride-th; every layer when the stride is 0)
     scale: float = 1.0  # multiplier on the vector when added
     layer_sweep_stride: int = Field(default=3, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
-    transfer_source: str | None = "antonym"  # task whose vector is added to the transfer targets' zero-shot prompts
+    transfer_source: str | None = "antonym"  # ICL task whose vector is added to the transfer targets' zero-shot prompts
     transfer_targets: list[str] = ["antonym_french", "antonym_spanish"]
     pack_tokens: int = Field(default=1024, gt=0)  # most query tokens packed into one shared-prefix forward pass
-    cache_dir: str | None = ".lensflow/function_vectors"  # per-task sweep results, reused by reruns; None = off
+
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _layer(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError("expected a resid layer (an int >= 0) or 'auto'")
 
     @field_validator("query_template", "natural_templates")
     @classmethod
@@ -165,8 +207,7 @@ class LensesConf(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # frozen unembedding matmuls while training
     seed: int = 0
-    gpus_per_task: float = Field(default=0.0, ge=0)  # per-layer Ray tasks; > 0 on a GPU cluster
-    reuse_run_id: str | None = None  # evaluate a previous logit-lens run's translators without training
+    gpus_per_task: float = Field(default=0.0, ge=0)  # per-layer Ray remote functions; > 0 on a GPU cluster
     grid_prompt: str = "The Eiffel Tower is in the city of Paris, which is the capital of"
 
 
@@ -274,7 +315,7 @@ def _one_line(err: ValidationError) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
-    return f"config key '{key}': {msg} (got {e.get('input')!r})"
+    return f"config key '{key}': {msg} (got {redact(repr(e.get('input')))})"
 
 
 def with_overrides(conf: Config, updates: dict[str, Any]) -> Config:
@@ -310,6 +351,18 @@ def resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+SECRET_OVERRIDES = "LENSFLOW_SECRET_OVERRIDES"
+
+
+def public_overrides(overrides: list[str]) -> list[str]:
+    """Overrides as Prefect may record them (flow run parameters are stored and shown): credentials masked. The
+    originals travel to load_config in this process's environment, never into Prefect's database."""
+    secret = [o for o in overrides if redact(o) != o]
+    if secret:
+        os.environ[SECRET_OVERRIDES] = json.dumps(secret)
+    return [redact(o) for o in overrides]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     tree: dict[str, Any] = {}
     if path is not None:
@@ -319,8 +372,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         _check_tree(tree)
+    secret = dict(parse_override(o) for o in json.loads(os.environ.get(SECRET_OVERRIDES, "[]")))
     for item in overrides or []:
         key, value = parse_override(item)
+        if isinstance(value, str) and MASK in value and key in secret:  # masked by public_overrides
+            value = secret[key]
         _set_dotted(tree, key, value)
     try:
         conf = Config.model_validate(tree)

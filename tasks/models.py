@@ -290,16 +290,23 @@ def _device(conf: ModelConf) -> torch.device:
     return torch.device(conf.device)
 
 
-def check_mappable(conf: ModelConf) -> None:
-    """Fail before any work when the architecture is unknown (reads only the config, not the weights)."""
+def check_mappable(conf: ModelConf) -> int:
+    """Fail before any work when the architecture is unknown (reads only the config, not the weights); returns the
+    model's number of blocks, so layer keys can be checked before anything loads."""
     name = conf.name
     if name.startswith(TINY_PREFIX):
-        family = name[len(TINY_PREFIX):]
-        arch_for(tiny_config(family).model_type, name)
-        return
+        cfg = tiny_config(name[len(TINY_PREFIX):])
+        arch_for(cfg.model_type, name)
+        return cfg.num_hidden_layers
     if name in EMBEDDED:
-        _embedded_gguf(name)
-        return
+        gguf_path = _embedded_gguf(name)
+        converted = cache_dir() / name / "config.json"
+        if converted.is_file():
+            return json.loads(converted.read_text())["num_hidden_layers"]
+        from gguf import GGUFReader
+
+        field = GGUFReader(gguf_path).get_field("llama.block_count")
+        return int(field.parts[field.data[0]][0])
     from transformers import AutoConfig
 
     try:
@@ -307,6 +314,7 @@ def check_mappable(conf: ModelConf) -> None:
     except Exception as exc:  # hub/file errors come in many types; the user needs the key and the reason
         raise ConfigError(f"model.name '{name}': cannot load its config ({str(exc).splitlines()[0]})") from None
     arch_for(cfg.model_type, name)
+    return cfg.num_hidden_layers
 
 
 def prepare(conf: ModelConf) -> None:

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lensflow.tasks.config import Config
+from lensflow.tasks.redact import redact
 
 _BATCH = 900  # log_batch accepts up to 1000 metrics per call
 
@@ -89,10 +90,10 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
         pass
     run = client.create_run(exp, run_name=f"{flow}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     ref = RunRef(uri, exp, run.info.run_id)
-    params = [Param(k, str(v)[:6000]) for k, v in conf.flat().items()]
+    params = [Param(k, redact(str(v))[:6000]) for k, v in conf.flat().items()]
     for i in range(0, len(params), 100):
         client.log_batch(ref.run_id, params=params[i : i + 100])
-    print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {uri}")
+    print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {redact(uri)}")
     with _terminated(ref):
         yield ref
 
@@ -120,7 +121,7 @@ def log_extraction(ref: RunRef, ex, label: str) -> None:
 
 
 def set_tags(ref: RunRef, tags: Mapping[str, object]) -> None:
-    ref.client.log_batch(ref.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    ref.client.log_batch(ref.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
 
 def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int | None = None) -> None:
