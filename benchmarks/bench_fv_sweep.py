@@ -13,7 +13,8 @@ import time
 import torch
 
 from lensflow.tasks.config import FunctionVectorsConf, ModelConf
-from lensflow.tasks.function_vectors import icl_prompts, indirect_effects, mean_head_outputs, template
+from lensflow.tasks.function_vectors import indirect_effects, mean_head_outputs
+from lensflow.tasks.fv_sweep import icl_prompts, template
 from lensflow.tasks.hooks import Edit, trace
 from lensflow.tasks.icl import answer_token, load_pairs, split
 from lensflow.tasks.models import load_model
@@ -40,7 +41,7 @@ def naive_sweep(lm, ids: list[int], answer: int, means: torch.Tensor) -> torch.T
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="antonym")
+    ap.add_argument("--icl-task", default="antonym")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -48,10 +49,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(ModelConf(name=args.model))
     fc = FunctionVectorsConf(n_clean=5, n_shuffled=args.prompts)
-    sp = split(load_pairs(args.task), fc.seed)
-    clean, _ = icl_prompts(sp, fc, args.task, fc.n_clean, False, "clean")
+    sp = split(load_pairs(args.icl_task), fc.seed)
+    clean, _ = icl_prompts(sp, fc, args.icl_task, fc.n_clean, False, "clean")
     means = mean_head_outputs(lm, clean)
-    prompts, queries = icl_prompts(sp, fc, args.task, fc.n_shuffled, True, "shuffled")
+    prompts, queries = icl_prompts(sp, fc, args.icl_task, fc.n_shuffled, True, "shuffled")
     rows = lm.n_layers * lm.n_heads
     print(f"{lm.name}: {lm.n_layers} layers x {lm.n_heads} heads = {rows} patches per prompt; "
           f"torch threads {torch.get_num_threads()}")

@@ -1,13 +1,13 @@
-"""In-context-learning tasks (input -> output word pairs): loading, seeded splits and prompt rendering.
+"""ICL tasks (in-context-learning tasks: input -> output word pairs): loading, seeded splits and prompt rendering.
 
-Built-in tasks ship as package data (tasks/data/icl/<task>.json, a JSON list of {"input", "output"});
-users add their own with extra files or folders of such files. A prompt is `n_shots` demonstrations
-followed by a query; the model's answer is scored on the first token of the answer continuation.
+Built-in ICL tasks ship as package data (tasks/data/icl/<name>.json, a JSON list of {"input", "output"});
+users add their own with extra files or folders of such files (`function_vectors.icl_task_paths`). A prompt is
+`n_shots` demonstrations followed by a query; the model's answer is scored on the first token of the answer
+continuation.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -15,17 +15,18 @@ from importlib.resources import files
 from pathlib import Path
 
 from lensflow.tasks.config import ConfigError
+from lensflow.tasks.stages import digest
 
 Pair = tuple[str, str]
 
 
-def builtin_task_dir():
+def builtin_icl_task_dir():
     return files("lensflow.tasks.data") / "icl"
 
 
-def available_tasks(extra_paths: list[str] = ()) -> dict[str, object]:
-    """Task name -> file (a Traversable or Path). A user file overrides a built-in one of the same name."""
-    found: dict[str, object] = {p.name[:-5]: p for p in builtin_task_dir().iterdir() if p.name.endswith(".json")}
+def available_icl_tasks(extra_paths: list[str] = ()) -> dict[str, object]:
+    """ICL task name -> file (a Traversable or Path). A user file overrides a built-in one of the same name."""
+    found: dict[str, object] = {p.name[:-5]: p for p in builtin_icl_task_dir().iterdir() if p.name.endswith(".json")}
     for raw in extra_paths:
         path = Path(raw)
         if path.is_dir():
@@ -33,30 +34,35 @@ def available_tasks(extra_paths: list[str] = ()) -> dict[str, object]:
         elif path.is_file() and path.suffix == ".json":
             found[path.stem] = path
         else:
-            raise ConfigError(f"function_vectors.task_paths: '{raw}' is neither a folder nor a .json file")
+            raise ConfigError(f"function_vectors.icl_task_paths: '{raw}' is neither a folder nor a .json file")
     return dict(sorted(found.items()))
 
 
 def load_pairs(name: str, extra_paths: list[str] = ()) -> list[Pair]:
-    tasks = available_tasks(extra_paths)
-    if name not in tasks:
-        raise ConfigError(f"function_vectors.tasks: unknown task '{name}' (known: {', '.join(tasks)})")
+    known = available_icl_tasks(extra_paths)
+    if name not in known:
+        raise ConfigError(f"function_vectors.icl_tasks: unknown ICL task '{name}' (known: {', '.join(known)})")
     try:
-        rows = json.loads(tasks[name].read_text(encoding="utf-8"))
+        rows = json.loads(known[name].read_text(encoding="utf-8"))
         pairs = [(str(r["input"]), str(r["output"])) for r in rows]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"task '{name}': expected a JSON list of {{\"input\", \"output\"}} objects ({exc})") from None
+        msg = f"ICL task '{name}': expected a JSON list of {{\"input\", \"output\"}} objects ({exc})"
+        raise ConfigError(msg) from None
     if len(pairs) < 4:
-        raise ConfigError(f"task '{name}': needs at least 4 pairs, has {len(pairs)}")
+        raise ConfigError(f"ICL task '{name}': needs at least 4 pairs, has {len(pairs)}")
     return pairs
 
 
-def pairs_hash(pairs: list[Pair]) -> str:
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+def pairs_digest(pairs: list[Pair]) -> str:
+    """Content hash of pairs, a stage parameter in place of the pairs a stage reads."""
+    return digest([json.dumps(p) for p in pairs])
 
 
 @dataclass(frozen=True)
 class Split:
+    """Disjoint parts of one ICL task: train gives demonstrations and the sweep's queries, valid the layer choice
+    (`function_vectors.layer=auto`), test the reported accuracies."""
+
     train: list[Pair]
     valid: list[Pair]
     test: list[Pair]

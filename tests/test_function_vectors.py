@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks.function_vectors import (
-    function_vector, indirect_effects, last_token_logits, mean_head_outputs, top_heads,
-)
-from lensflow.tasks.icl import Template, answer_token, available_tasks, demonstrations, load_pairs, split
+from lensflow.tasks.function_vectors import function_vector, indirect_effects, last_token_logits, mean_head_outputs
+from lensflow.tasks.icl import Template, answer_token, available_icl_tasks, demonstrations, load_pairs, split
 
 
 @pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
@@ -113,18 +111,14 @@ def test_function_vector_is_sum_through_out_projection(lm):
     assert torch.allclose(fv, ref, atol=1e-5)
 
 
-def test_top_heads_orders_by_effect():
-    aie = torch.tensor([[0.1, 0.5], [0.9, -1.0]])
-    assert top_heads(aie, 2) == [(1, 0), (0, 1)]
-
-
 def test_prompt_format_and_split():
     tpl = Template()
     assert tpl.prompt([("hot", "cold"), ("big", "small")], "up") == "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:"
     pairs = [(str(i), str(-i)) for i in range(40)]
     s = split(pairs, seed=3)
     assert sorted(s.train + s.valid + s.test) == sorted(pairs)
-    assert not set(s.test) & set(s.train)
+    assert not set(s.test) & set(s.train) and not set(s.valid) & set(s.train) and not set(s.valid) & set(s.test)
+    assert len(s.valid) == len(s.test) == 6
     assert split(pairs, seed=3) == s and split(pairs, seed=4) != s
     demos = demonstrations(s.train, 10, random.Random(0), exclude=s.train[0][0], shuffle_labels=True)
     assert len(demos) == 10 and s.train[0][0] not in [d[0] for d in demos]
@@ -143,9 +137,9 @@ def test_answer_is_first_token_of_continuation():
     assert tok.decode([ans]) == " "  # byte-level: the first token is the space byte
 
 
-def test_builtin_and_user_tasks(tmp_path):
-    tasks = available_tasks()
-    assert {"antonym", "antonym_french", "antonym_spanish", "english_french"} <= set(tasks)
+def test_builtin_and_user_icl_tasks(tmp_path):
+    known = available_icl_tasks()
+    assert {"antonym", "antonym_french", "antonym_spanish", "english_french"} <= set(known)
     assert load_pairs("antonym")[0] == ("hot", "cold")
     (tmp_path / "mine.json").write_text(json.dumps([{"input": str(i), "output": str(i + 1)} for i in range(8)]))
     assert load_pairs("mine", [str(tmp_path)])[2] == ("2", "3")
@@ -162,26 +156,32 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     from lensflow.tasks.tracking import local_uri
 
     overrides = [
-        "model.name=tiny-llama", f"tracking.uri={tracking_uri}", "ray.actors=1",
-        "function_vectors.tasks=[antonym, country_capital]", "function_vectors.n_shots=3",
+        "model.name=tiny-llama", f"tracking.uri={tracking_uri}", f"store.root={tmp_path / 'store'}", "ray.actors=1",
+        "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.n_shots=3",
         "function_vectors.n_clean=3", "function_vectors.n_shuffled=2", "function_vectors.n_test=4",
-        "function_vectors.demo_sets=2", "function_vectors.filter_correct=false", "function_vectors.top_k=3",
-        "function_vectors.layer=null", "function_vectors.layer_sweep_stride=2",
+        "function_vectors.n_valid=4", "function_vectors.demo_sets=2", "function_vectors.filter_correct=false",
+        "function_vectors.top_k=3", "function_vectors.layer=auto", "function_vectors.layer_sweep_stride=2",
         "function_vectors.transfer_targets=[antonym_french]",
-        f"function_vectors.cache_dir={tmp_path / 'cache'}",
     ]
     out = function_vectors_flow(config="conf/default.yaml", overrides=overrides)
-    assert out["tasks"] == 2 and out["layer"] == 4 // 3 and len(out["heads"]) == 3 and out["sweeps_cached"] == 0
+    assert out["tasks"] == 2 and len(out["heads"]) == 3 and out["sweeps_cached"] == 0
+    assert out["computed"] == {"sweeps": 2, "valid": 2, "evals": 2, "transfers": 1}
     client = MlflowClient(local_uri(tracking_uri))
     run_id = out["run_id"]
-    metrics = client.get_run(run_id).data.metrics
-    for task in ("antonym", "country_capital"):
+    run = client.get_run(run_id)
+    metrics = run.data.metrics
+    for icl_task in ("antonym", "country_capital"):
         for kind in ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv"):
-            assert 0.0 <= metrics[f"fv.{task}.{kind}.acc"] <= 1.0
+            assert 0.0 <= metrics[f"fv.{icl_task}.{kind}.acc"] <= 1.0
     assert metrics["fv.mean.zero_shot.acc"] == pytest.approx(
         (metrics["fv.antonym.zero_shot.acc"] + metrics["fv.country_capital.zero_shot.acc"]) / 2)
     assert "fv.transfer.antonym_french.zero_shot_fv.acc" in metrics
     assert sorted(m.step for m in client.get_metric_history(run_id, "fv.layer_sweep.zero_shot_fv.acc")) == [0, 2]
+    # layer=auto: the logged validation curve's best layer (the earliest of equals) is the layer used
+    valid = {m.step: m.value for m in client.get_metric_history(run_id, "fv.layer_valid.zero_shot_fv.acc")}
+    assert sorted(valid) == [0, 2] and metrics["fv.layer"] == out["layer"]
+    assert out["layer"] == min(layer for layer, v in valid.items() if v == max(valid.values()))
+    assert run.data.tags["fv.layer_choice"] == "auto"
 
     art = tmp_path / "art"
     aie = np.load(client.download_artifacts(run_id, "aie.npy", str(art)))
@@ -196,6 +196,10 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     assert set(fvs) == {"antonym", "country_capital"} and fvs["antonym"].shape == (64,)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/fv_aie.png", "plots/fv_layer_sweep.png"}
 
-    again = function_vectors_flow(config="conf/default.yaml", overrides=overrides)  # resume: sweeps from the cache
-    assert again["sweeps_cached"] == 2
-    assert again["heads"] == out["heads"] and again["mean"] == pytest.approx(out["mean"], nan_ok=True)
+    again = function_vectors_flow(config="conf/default.yaml", overrides=overrides)  # every stage item is found
+    assert again["sweeps_cached"] == 2 and again["computed"] == {"sweeps": 0, "valid": 0, "evals": 0, "transfers": 0}
+    assert again["heads"] == out["heads"] and again["layer"] == out["layer"]
+    assert again["mean"] == pytest.approx(out["mean"], nan_ok=True) and again["transfer"] == out["transfer"]
+    fixed = function_vectors_flow(config="conf/default.yaml", overrides=[*overrides, "function_vectors.layer=1"])
+    assert fixed["layer"] == 1 and fixed["computed"] == {"sweeps": 0, "valid": 0, "evals": 2, "transfers": 1}
+    assert client.get_run(fixed["run_id"]).data.tags["fv.layer_choice"] == "config"
