@@ -24,6 +24,11 @@ FLOWS = {
 
 def check_inputs(flow: str, conf: Config) -> None:
     """Read and validate a flow's input files (the same loaders the flow uses), before Prefect or Ray start."""
+    if flow == "function-vectors":
+        from lensflow.tasks.fv_sweep import load_icl_tasks
+
+        load_icl_tasks(conf.function_vectors)
+        return
     from lensflow.tasks.data import load_prompts
 
     load_prompts(conf.data)
