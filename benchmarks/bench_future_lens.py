@@ -17,10 +17,11 @@ import torch
 
 from lensflow.tasks.config import FutureLensConf, ModelConf
 from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.future_lens import (PrepItem, RidgeStats, candidate_windows, decoded_scores, fit_linear_sgd, fit_ridge,
-                               memory_batches, prepare_windows, scan_texts)
+from lensflow.tasks.future_lens_metrics import decoded_scores
+from lensflow.tasks.future_lens_samples import PrepItem, candidate_windows, memory_batches, prepare_windows, scan_texts
 from lensflow.tasks.hooks import Read, trace
 from lensflow.tasks.models import load_model
+from lensflow.tasks.ridge import RidgeStats, fit_linear_sgd, fit_ridge
 from lensflow.tasks.soft_prompt import prompt_embeddings, teacher_logprobs, train_soft_prompt
 
 

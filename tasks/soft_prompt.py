@@ -18,11 +18,11 @@ batch; each sample then costs 1 + (n_future - 1) positions instead of P + n_futu
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
+from lensflow.tasks.future_lens_metrics import score
 from lensflow.tasks.hooks import Edit, trace
 from lensflow.tasks.models import LM
 
@@ -120,8 +120,6 @@ def evaluate_prompt(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Tensor, g
                     ks: tuple[int, ...], teacher_forcing: bool = True) -> list[dict[str, float]]:
     """Metrics per offset N (list index) against the model's greedy tokens, in batches; offsets N > 0 see the
     model's greedy tokens (teacher forcing) or, with teacher_forcing=False, the lens's own."""
-    from lensflow.tasks.future_lens import score
-
     n_future = greedy.shape[1]
     fn = (lambda hb, gb: lens_logprobs(lm, prompt, layer, hb, gb, n_future)) if teacher_forcing else \
         (lambda hb, gb: free_running_logprobs(lm, prompt, layer, hb, n_future))
@@ -142,38 +140,3 @@ def lens_generate(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Tensor, n_f
         toks = torch.cat([toks, top.indices[:, None]], 1)
         probs.append(top.values)
     return toks.cpu(), torch.stack(probs, 1).cpu()
-
-
-def fixed_prompt_job(lm: LM, job) -> dict:
-    """Every configured generic prompt at one source layer (evaluation only: nothing is trained)."""
-    from lensflow.tasks.future_lens import read_block
-
-    c = job.conf
-    test = read_block(job.samples, job.layer, job.samples.test)
-    per_prompt = [evaluate_prompt(lm, prompt_embeddings(lm, text), job.layer, test["h"], test["greedy"], c.eval_batch,
-                                  tuple(c.ks), c.teacher_forcing) for text in c.fixed_prompts]
-    return {"layer": job.layer, "per_prompt": per_prompt, "trained": False}
-
-
-def soft_prompt_job(lm: LM, job) -> dict:
-    """Train (or load, with reuse_run_id) the learned prompt of one source layer, then evaluate it."""
-    from lensflow.tasks.future_lens import load_state, log_job, minibatches, read_block
-
-    s, c, l = job.samples, job.conf, job.layer
-    t0 = time.perf_counter()
-    curves: dict = {}
-    if job.reuse_run_id:
-        prompt = load_state(job, "soft_prompt")["prompt"]
-    else:
-        init = prompt_embeddings(lm, c.soft_prompt_init, c.soft_prompt_len)
-        batches = minibatches(s, l, s.train, c.soft_prompt_batch, s.chunk_rows, c.seed + l)
-        prompt, losses = train_soft_prompt(lm, l, batches, init, c.soft_prompt_steps, c.soft_prompt_lr)
-        curves["loss"] = losses
-    train_s = time.perf_counter() - t0
-    test = read_block(s, l, s.test)
-    metrics = evaluate_prompt(lm, prompt, l, test["h"], test["greedy"], c.eval_batch, tuple(c.ks), c.teacher_forcing)
-    log_job(job, "soft_prompt", None if job.reuse_run_id else {"prompt": prompt}, curves,
-            {"steps": c.soft_prompt_steps, "batch": c.soft_prompt_batch, "lr": c.soft_prompt_lr, "length": c.soft_prompt_len})
-    samples = c.soft_prompt_steps * c.soft_prompt_batch
-    return {"layer": l, "metrics": metrics, "train_s": train_s, "trained": not job.reuse_run_id,
-            "samples_per_s": samples / train_s if train_s > 0 and not job.reuse_run_id else None}

@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from lensflow.tasks.config import ModelConf
-from lensflow.tasks.future_lens import (PrepItem, RidgeStats, Window, candidate_windows, fit_ridge, fit_vocab_probe, memory_batches,
-                               prepare_windows, scan_texts, score)
+from lensflow.tasks.future_lens_metrics import score
+from lensflow.tasks.future_lens_samples import (PrepItem, Window, candidate_windows, memory_batches, prepare_windows,
+                                                scan_texts)
 from lensflow.tasks.hooks import Read, trace
 from lensflow.tasks.models import load_model
 from lensflow.tasks.ngram import NGram, context_for
+from lensflow.tasks.ridge import RidgeStats, fit_ridge
 from lensflow.tasks.soft_prompt import evaluate_prompt, prompt_embeddings, train_soft_prompt, transplant_logits
+from lensflow.tasks.vocab_probe import fit_vocab_probe
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door.",
@@ -200,74 +203,90 @@ def test_soft_prompt_training_lowers_kl():
 @pytest.fixture(scope="module")
 def tiny_samples(tmp_path_factory):
     """A real (tiny) sample set: activation store written by the extraction's own chunk code, targets by
-    prepare_windows; no Ray needed."""
+    prepare_windows; no Ray needed. Returns conf, lm, targets and the extraction, as the flow has them."""
     from lensflow.tasks import store
-    from lensflow.tasks.extraction import ChunkJob, compute_chunk, plan
     from lensflow.tasks.config import load_config
-    from lensflow.tasks.future_lens import Samples, write_targets
+    from lensflow.tasks.extraction import ChunkJob, Extraction, compute_chunk, plan
+    from lensflow.tasks.future_lens_samples import SampleTargets, write_targets
+    from lensflow.tasks.models import describe
 
     lm = load_model(ModelConf(name="tiny-llama", device="cpu"))
     root = tmp_path_factory.mktemp("fl")
     conf = load_config(None, ["model.name=tiny-llama", f"store.root={root / 'store'}", "data.max_tokens=40",
-                              "store.chunk_size=8", f"tracking.uri=sqlite:///{root / 'mlflow.db'}"])
+                              "store.chunk_size=8", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+                              "future_lens.soft_prompt_steps=2", "future_lens.soft_prompt_batch=4",
+                              "future_lens.vocab_steps=3", "future_lens.vocab_batch=8", "future_lens.eval_batch=4",
+                              "future_lens.ks=[1, 5]", "future_lens.causal_layers=[2]", "future_lens.linear_layers=[2]"])
     _, ws = _windows(lm)
     prep = prepare_windows(lm, PrepItem(ws, max_tokens=40, n_future=4))
     texts = [str(p) for p in prep["prefix"]]
-    info = {"name": lm.name, "weights_hash": lm.weights_hash, "n_layers": lm.n_layers, "d_model": lm.d_model,
-            "n_heads": lm.n_heads, "head_dim": lm.head_dim}
-    url, spec = plan(conf, texts, info, "fl")
-    store.create(url, spec, texts)
+    stage, spec = plan(conf, texts, describe(lm), "fl")
+    store.create(stage.url, spec, texts)
     for c in range(spec.n_chunks):
-        store.write_chunk(url, c, spec.rows(c), compute_chunk(lm, ChunkJob(url, c, texts[spec.rows(c)], spec)))
-    store.mark_complete(url)
+        store.write_chunk(stage.url, c, spec.rows(c), compute_chunk(lm, ChunkJob(stage.url, c, texts[spec.rows(c)], spec)))
+    store.mark_complete(stage.url)
     turl = str(root / "targets")
     write_targets(turl, {k: prep[k] for k in ("greedy", "final", "x_last", "prefix")}, {"n_train": len(texts) - 6}, 8)
-    return conf, lm, Samples(url, turl, len(texts) - 6, 6, lm.vocab_size, 8)
+    targets = SampleTargets(turl, "targets-key", len(texts) - 6, 6, len(texts), len(texts), [0, 1], computed=True)
+    return conf, lm, targets, Extraction(stage.url, stage.key, len(texts), spec.n_chunks, spec.n_chunks, 0, 0.0)
 
 
 def test_stored_states_feed_the_transplant_exactly(tiny_samples):
     """The store's last-layer state of each prefix, transplanted into any prompt, reproduces the greedy token."""
-    from lensflow.tasks.future_lens import read_block
+    from lensflow.tasks.future_lens_samples import read_block
 
-    _, lm, s = tiny_samples
+    conf, lm, targets, ex = tiny_samples
+    s = targets.samples(ex.url, lm.vocab_size, 8)
     d = read_block(s, lm.n_layers, s.test)
     m = evaluate_prompt(lm, prompt_embeddings(lm, "Tell me about"), lm.n_layers, d["h"], d["greedy"], 3, (1,))
     assert m[0]["p_at_1"] == 1.0
 
 
-def test_reuse_by_run_id_evaluates_without_retraining(tiny_samples, monkeypatch):
-    """Train every per-layer job once (artifacts to an MLflow run), then rerun with reuse_run_id: the trainers
-    are never called and the test metrics are identical."""
+def test_layer_stages_are_published_then_found_without_recomputing(tiny_samples, monkeypatch):
+    """Every per-layer job trains and scores once and publishes both; a second run finds them (the trainers and
+    scorers are never called) and gets the same metrics, which equal the stored state's scores computed
+    directly; each run logs the state to its own MLflow run, and the grid reads the soft prompt back from it."""
     import lensflow.tasks.future_lens as fl
-    import lensflow.tasks.soft_prompt as sp
     from lensflow.tasks import tracking
-    from lensflow.tasks.config import FutureLensConf
+    from lensflow.tasks.future_lens_samples import read_block
+    from lensflow.tasks.models import describe
 
-    conf, lm, s = tiny_samples
-    fc = FutureLensConf(soft_prompt_steps=2, soft_prompt_batch=4, vocab_steps=3, vocab_batch=8, eval_batch=4, ks=[1, 5])
+    conf, lm, targets, ex = tiny_samples
+    info = describe(lm)
+
+    def run_all(run):
+        p = fl.plan(conf, info, targets, ex, run)
+        on_lm = [(fl.soft_prompt_job, "soft_prompt"), (fl.fixed_prompt_job, "fixed_prompt"),
+                 (fl.linear_hidden_job, "linear_hidden")]
+        return p, [fn(lm, j) for fn, m in on_lm for j in p.jobs[m]] + [fl.linear_vocab_job(j) for j in p.jobs["linear_vocab"]]
+
     with tracking.flow_run(conf, "future-lens") as run:
-        trained = {name: fn(*args, fl.LayerJob(2, s, fc, run)) for name, fn, args in
-                   [("hidden", fl.linear_hidden_job, (lm,)), ("vocab", fl.linear_vocab_job, ()), ("soft", sp.soft_prompt_job, (lm,))]}
+        p, first = run_all(run)
+    assert [r.method for r in first] == ["soft_prompt", "fixed_prompt_p0", "fixed_prompt_p1", "linear_hidden", "linear_vocab"]
+    assert all(r.evaluated for r in first) and [r.trained for r in first] == [True, False, False, True, True]
+    soft = p.jobs["soft_prompt"][0]
+    prompt = soft.trained.load("layer_02").tensors["prompt"]
+    d = read_block(p.samples, 2, p.samples.test)
+    assert first[0].metrics == evaluate_prompt(lm, prompt, 2, d["h"], d["greedy"], 4, (1, 5))
+    assert first[1].metrics == evaluate_prompt(lm, prompt_embeddings(lm, conf.future_lens.fixed_prompts[0]), 2, d["h"],
+                                               d["greedy"], 4, (1, 5))
 
     def boom(*a, **k):
-        raise AssertionError("retrained")
+        raise AssertionError("recomputed")
 
-    for mod, name in [(fl, "fit_ridge"), (fl, "fit_vocab_probe"), (sp, "train_soft_prompt")]:
-        monkeypatch.setattr(mod, name, boom)
+    for name in ("fit_ridge", "fit_vocab_probe", "train_soft_prompt", "evaluate_prompt", "decoded_scores", "score"):
+        monkeypatch.setattr(fl, name, boom)
     with tracking.flow_run(conf, "future-lens") as run2:
-        job = fl.LayerJob(2, s, fc, run2, reuse_run_id=run.run_id)
-        again = {"hidden": fl.linear_hidden_job(lm, job), "vocab": fl.linear_vocab_job(job), "soft": sp.soft_prompt_job(lm, job)}
-    for name in trained:
-        assert trained[name]["trained"] and not again[name]["trained"]
-        for m_again, m_trained in zip(again[name]["metrics"], trained[name]["metrics"], strict=True):
-            assert m_again == pytest.approx(m_trained, rel=1e-5)
-    with pytest.raises(Exception):  # a run without the artifacts cannot be reused silently
-        fl.linear_hidden_job(lm, fl.LayerJob(3, s, fc, run2, reuse_run_id=run.run_id))
+        _, again = run_all(run2)
+    assert not any(r.trained or r.evaluated for r in again)
+    assert [r.metrics for r in again] == [r.metrics for r in first]
+    logged = tracking.load_tensors(conf.tracking.uri, run2.run_id, "soft_prompts/layer_02.safetensors")["prompt"]
+    assert torch.equal(logged, prompt)
 
-    # the grid reads the same soft prompt back: one row (layer 2) by one column per prompt token
+    # the grid reads the soft prompt back from the second run: one row (layer 2) by one column per prompt token
     from lensflow.flows.future_lens import render_grid
 
-    out = render_grid(conf, "ab cd", run.run_id, out_dir=tiny_samples[2].targets_url + "_grid")
+    out = render_grid(conf, "ab cd", run2.run_id, out_dir=targets.url + "_grid")
     page = open(out["html"]).read()
     assert page.count("<tr><th>2</th>") == 1 and page.count("<td ") == len(lm.tokenizer("ab cd")["input_ids"])
     assert open(out["png"], "rb").read(4) == b"\x89PNG"
