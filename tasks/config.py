@@ -82,6 +82,18 @@ class StoreConf(Section):
 class TrackingConf(Section):
     uri: str = "sqlite:///.lensflow/mlflow.db"  # or http(s)://mlflow-server:5000, or another MLflow store URI
     experiment: str = Field(default="lensflow", min_length=1, pattern=r"\S")
+    heartbeat_s: float = Field(default=30.0, gt=0)  # a running flow's MLflow run is tagged alive this often
+    # a RUNNING run of the experiment with no heartbeat for this long (and never under 3 of its own heartbeat
+    # periods) is closed as KILLED by the next flow that starts: its process died without closing it
+    stale_after_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("stale_after_s")
+    @classmethod
+    def _stale(cls, v: float, info) -> float:
+        beat = info.data.get("heartbeat_s")
+        if beat is not None and v < 2 * beat:
+            raise ValueError(f"expected at least 2 x tracking.heartbeat_s ({2 * beat:g}), or live runs look stale")
+        return v
 
     @field_validator("uri")
     @classmethod
@@ -121,7 +133,7 @@ class FutureLensConf(Section):
     n_test: int = Field(default=200, gt=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of texts held out (split by text, seeded)
     n_future: int = Field(default=4, ge=1, le=8)  # offsets N = 0..n_future-1
-    ks: list[int] = [1, 5, 10]  # Precision@k
+    ks: list[Annotated[int, Field(gt=0)]] = [1, 5, 10]  # Precision@k; must include 1 (the headline P@1)
     ngram_order: int = Field(default=4, ge=2)
     linear_layers: list[int] | None = None  # None = every resid layer 0..n_layers
     causal_layers: list[int] | None = None  # fixed/learned prompts; None = every causal_layer_stride-th, last included
@@ -134,7 +146,8 @@ class FutureLensConf(Section):
     vocab_lr: float = Field(default=3e-3, gt=0)
     vocab_batch: int = Field(default=256, gt=0)
     vocab_weight_decay: float = Field(default=1e-2, ge=0)
-    fixed_prompts: list[str] = ['Hello! Could you please tell me more about "', "Tell me about"]
+    fixed_prompts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default=['Hello! Could you please tell me more about "', "Tell me about"], min_length=1)
     soft_prompt_len: int = Field(default=10, gt=0)
     soft_prompt_init: str = 'Hello! Could you please tell me more about "'
     soft_prompt_steps: int = Field(default=80, ge=0)
@@ -144,11 +157,18 @@ class FutureLensConf(Section):
     teacher_forcing: bool = True  # causal methods at N>0 see the model's greedy tokens; False = the lens's own
     seed: int = 0
 
+    @field_validator("ks")
+    @classmethod
+    def _has_one(cls, v: list[int]) -> list[int]:
+        if 1 not in v:
+            raise ValueError("must include 1: Precision@1 is what every figure and the best-layer choice use")
+        return sorted(set(v))
+
 
 class FunctionVectorsConf(Section):
     """Function vectors (Todd et al. 2024): mean head outputs, a head-patching sweep, the vector and its tests."""
 
-    icl_tasks: list[str] | None = None  # ICL task names; None = every built-in ICL task plus those in icl_task_paths
+    icl_tasks: list[str] | None = Field(default=None, min_length=1)  # ICL task names; None = every built-in ICL task plus those in icl_task_paths
     icl_task_paths: list[str] = []  # extra ICL task files or folders of <name>.json ([{"input", "output"}, ...])
     seed: int = 0  # ICL task splits (train / valid / test) and prompt sampling
     n_shots: int = Field(default=10, gt=0)
@@ -245,6 +265,19 @@ class MultilingualConf(Section):
     neurons: Neurons = Neurons()
 
 
+class CausalTraceConf(Section):
+    """Causal tracing (Meng et al. 2022): corrupt the subject, restore one clean state, measure P(answer) back."""
+
+    facts_file: str | None = None  # JSONL of {"prompt", "subject", "target"[, "relation"]}; None = shipped facts
+    filter_correct: bool = True  # trace only facts whose greedy first token is the answer's (as the paper)
+    max_facts: int | None = Field(default=12, gt=0)  # traced facts after the filter, taken round-robin over relations
+    samples: int = Field(default=3, gt=0)  # noise draws per fact (paper: 10)
+    noise_scale: float = Field(default=3.0, ge=0)  # noise std = this x std of the input embedding matrix (paper: 3)
+    window: int = Field(default=10, gt=0)  # MLP / attention outputs restored over this many layers (paper: 10)
+    seed: int = 0  # noise draws, seeded per fact
+    batch_tokens: int = Field(default=8192, gt=0)  # most tokens per restoration forward pass (memory, not results)
+
+
 class Config(Section):
     model: ModelConf = ModelConf()
     data: DataConf = DataConf()
@@ -255,6 +288,7 @@ class Config(Section):
     function_vectors: FunctionVectorsConf = FunctionVectorsConf()
     lenses: LensesConf = LensesConf()
     multilingual: MultilingualConf = MultilingualConf()
+    causal_trace: CausalTraceConf = CausalTraceConf()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, the shape MLflow params and `--set` use."""
