@@ -8,23 +8,25 @@ averaged over paragraphs. The baseline is the same number for unrelated paragrap
 (frequent function-word features, features of the language pair's scripts). A translated-minus-unrelated gap that
 rises in the middle layers is the paper's "shared multilingual features" picture.
 
-Two feature bases: SAE latents (`tasks.sae`) and raw MLP neurons (site mlp_neurons), the latter so the result does
-not rest on one trained dictionary. Neuron activations are large; they are reduced to per-paragraph active sets on
-the model actor and only booleans come back.
+Two feature bases: SAE latents (`tasks.sae`, measured here per layer in one Ray remote call after the layer's SAE)
+and raw MLP neurons (`tasks.neurons`), the latter so the result does not rest on one trained dictionary.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.models import LM
-from lensflow.tasks.sae import LayerJob, SparseAutoencoder, evaluate, token_blocks, token_mask, train_layer
+from lensflow.tasks.config import ConfigError
+from lensflow.tasks.sae import SAEJob, SAEMetrics, SparseAutoencoder, evaluate, token_blocks, token_mask, train_sae
+from lensflow.tasks.stages import Item, Stage
 from lensflow.tasks.store import Activations
+
+VERSION = 1  # of the overlap measurement: part of the overlap stage key
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -48,36 +50,68 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
 
 
 def parse_pairs(languages: list[str], pairs: list[str] | None) -> list[tuple[str, str]]:
-    """'en-fr' strings -> (a, b) tuples; None = every unordered pair of `languages` in their order."""
+    """The pairs choice: 'en-fr' strings -> (a, b) tuples; None = every unordered pair of `languages` in order."""
     if pairs is None:
         return list(itertools.combinations(languages, 2))
     out = []
     for p in pairs:
         a, sep, b = p.partition("-")
         if not sep or a not in languages or b not in languages or a == b:
-            raise ValueError(f"multilingual.pairs: '{p}' is not LANG-LANG over languages {languages}")
+            raise ConfigError(f"config key 'multilingual.pairs': '{p}' is not LANG-LANG over languages {languages}")
         out.append((a, b))
     return out
 
 
-def pair_overlaps(sets: dict[str, np.ndarray], pairs: list[tuple[str, str]], perm: np.ndarray) -> dict[str, dict[str, float]]:
-    """{'en-fr': {'translated': mean J(A_i, B_i), 'unrelated': mean J(A_i, B_perm[i]), 'gap_se': standard error of
-    the paired difference}} from per-language bool [n, F]. The gap is paired by paragraph i (same A_i on both sides),
+@dataclass(frozen=True)
+class PairOverlap:
+    """Mean Jaccard overlap of one language pair: translations (A_i, B_i), unrelated (A_i, B_perm[i])."""
+
+    translated: float
+    unrelated: float
+    gap_se: float  # standard error of the paired difference translated - unrelated
+
+    @property
+    def gap(self) -> float:
+        return self.translated - self.unrelated
+
+
+@dataclass(frozen=True)
+class LayerOverlap:
+    """Active-set overlaps at one depth (a resid layer for SAE features, a block for MLP neurons)."""
+
+    layer: int
+    pairs: dict[str, PairOverlap]  # 'en-fr' -> overlap
+    size: dict[str, float]  # language -> mean active-set size per paragraph
+
+    @property
+    def gap(self) -> float:
+        """Translated minus unrelated, mean over pairs: the number the peak layer is chosen by."""
+        return float(np.mean([p.gap for p in self.pairs.values()]))
+
+
+def pair_overlaps(sets: Mapping[str, np.ndarray], pairs: list[tuple[str, str]],
+                  perm: np.ndarray) -> dict[str, PairOverlap]:
+    """{'en-fr': overlap} from per-language bool [n, F]. The gap is paired by paragraph i (same A_i on both sides),
     so its standard error says whether a small gap is more than paragraph-to-paragraph noise."""
     out = {}
     for a, b in pairs:
         t, u = jaccard(sets[a], sets[b]), jaccard(sets[a], sets[b][perm])
         d = (t - u)[np.isfinite(t - u)]
-        out[f"{a}-{b}"] = {"translated": float(np.nanmean(t)), "unrelated": float(np.nanmean(u)),
-                           "gap_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
+        out[f"{a}-{b}"] = PairOverlap(float(np.nanmean(t)), float(np.nanmean(u)),
+                                      float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
     return out
+
+
+def layer_overlap(layer: int, sets: Mapping[str, np.ndarray], pairs: list[tuple[str, str]],
+                  perm: np.ndarray) -> LayerOverlap:
+    return LayerOverlap(layer, pair_overlaps(sets, pairs, perm), {l: float(x.sum(1).mean()) for l, x in sets.items()})
 
 
 def active_sets(codes: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, threshold: float | np.ndarray = 0.0) -> np.ndarray:
     """bool [n, F]: feature f is active in text i if codes[i, t, f] > threshold at any masked-in token t."""
     c = torch.as_tensor(codes)
     m = (mask if torch.is_tensor(mask) else torch.from_numpy(np.asarray(mask))).to(device=c.device, dtype=torch.bool)
-    thr = torch.as_tensor(threshold, dtype=c.dtype, device=c.device)
+    thr = torch.tensor(threshold, dtype=c.dtype, device=c.device)  # a copy: arrays from Ray are read-only
     return ((c > thr) & m[..., None]).any(1).cpu().numpy()
 
 
@@ -95,59 +129,56 @@ def sae_active_sets(sae: SparseAutoencoder, acts: Activations, layer: int, skip_
     return np.concatenate(out)
 
 
-@dataclass(frozen=True)
-class NeuronJob:
-    texts: list[str]
-    blocks: list[int]
-    max_tokens: int
-    skip_first: bool
-    thresholds: dict[int, np.ndarray] | None = None  # per block: scalar or per-neuron [F]; None with `quantile`
-    quantile: float | None = None
-
-
-def _neuron_acts(lm: LM, job: NeuronJob) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    enc = lm.encode(job.texts, max_tokens=job.max_tokens)
-    with trace(lm, reads=[Read("mlp_neurons", b) for b in job.blocks], stop_at=max(job.blocks) + 1) as t:
-        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-    mask = enc["attention_mask"].bool()
-    if job.skip_first:
-        mask[:, 0] = False
-    return {b: t["mlp_neurons", b].float() for b in job.blocks}, mask
-
-
-@torch.inference_mode()
-def neuron_quantiles(lm: LM, job: NeuronJob) -> dict[int, np.ndarray]:
-    """Actor side: per-neuron activation quantile over the job's real tokens, per block (calibrates 'active')."""
-    acts, mask = _neuron_acts(lm, job)
-    k = max(1, int(np.ceil(job.quantile * int(mask.sum()))))  # kthvalue: torch.quantile caps its input at 2^24
-    return {b: a[mask].kthvalue(k, dim=0).values.cpu().numpy() for b, a in acts.items()}
-
-
-@torch.inference_mode()
-def neuron_active_sets(lm: LM, job: NeuronJob) -> dict[int, np.ndarray]:
-    """Actor side: per-text sets of MLP neurons above threshold at any real token, bool [n, F] per block."""
-    acts, mask = _neuron_acts(lm, job)
-    return {b: active_sets(a, mask, job.thresholds[b]) for b, a in acts.items()}
+def overlap_stage(root: str, sae: Stage, paragraph_keys: Mapping[str, str], pairs: list[tuple[str, str]],
+                  seed: int) -> Stage:
+    """Where per-layer SAE overlaps live: keyed by the SAE stage, the paragraph stores ({lang: store key}), the
+    pairs and the seed of the unrelated-paragraph permutation; one item `layer_XX` per resid layer."""
+    params = {"pairs": [f"{a}-{b}" for a, b in pairs], "seed": seed, "languages": list(paragraph_keys)}
+    inputs = [sae.key, *paragraph_keys.values()]
+    return Stage.of(root, "multilingual/overlap", None, params, inputs, version=VERSION)
 
 
 @dataclass(frozen=True)
-class SAELayerJob:
-    """Ray-task unit: train (or reuse) one layer's SAE, then measure overlap on the stored parallel paragraphs."""
+class OverlapJob:
+    """Ray remote unit for one layer: its SAE (found or trained), then the overlaps on the stored paragraphs."""
 
-    train: LayerJob
-    paragraphs: dict[str, str]  # language -> store group URL of its paragraphs (positions=all, same layers)
+    sae: SAEJob
+    stage: Stage  # overlap_stage
+    paragraphs: dict[str, str]  # language -> store URL of its paragraphs (positions=all, the same layers)
     pairs: list[tuple[str, str]]
     perm: list[int]
 
 
-def sae_layer(job: SAELayerJob) -> dict:
-    """{layer, sae: {fve, l0, dead, ...}, fve_lang: {lang: fve}, size: {lang: mean set size}, overlap: {pair: ...}}."""
-    sae, metrics = train_layer(job.train)
-    layer, skip = job.train.layer, job.train.skip_first
+@dataclass(frozen=True)
+class SAELayerResult:
+    """One resid layer of the SAE analysis, and what this run computed for it."""
+
+    layer: int
+    sae: SAEMetrics  # held-out general text
+    fve_lang: dict[str, float]  # reconstruction of each language's paragraphs
+    overlap: LayerOverlap
+    sae_run_id: str | None  # the child run that logged the SAE's training
+    trained: bool  # the SAE was trained by this run
+    measured: bool  # the overlaps were measured by this run
+
+
+def sae_layer(job: OverlapJob) -> SAELayerResult:
+    """Ray remote body: the layer's SAE (train_sae), then its overlaps, each found in the store or computed and
+    published there."""
+    found = train_sae(job.sae)
+    item, measured = job.stage.get_or_compute(job.sae.item, lambda: _measure(found.sae, job))
+    pairs = {p: PairOverlap(**v) for p, v in item.meta["pairs"].items()}
+    overlap = LayerOverlap(job.sae.layer, pairs, item.meta["size"])
+    return SAELayerResult(job.sae.layer, found.metrics, item.meta["fve_lang"], overlap, found.run_id, found.trained,
+                          measured)
+
+
+def _measure(sae: SparseAutoencoder, job: OverlapJob) -> Item:
+    layer, skip = job.sae.layer, job.sae.skip_first
     sets, fve = {}, {}
     for lang, url in job.paragraphs.items():
         acts = Activations(url)
         sets[lang] = sae_active_sets(sae, acts, layer, skip, acts.chunk_rows)
         fve[lang] = evaluate(sae, token_blocks(acts, layer, slice(0, acts.n), acts.chunk_rows, skip))["fve"]
-    return {"layer": layer, "sae": metrics, "fve_lang": fve, "size": {l: float(s.sum(1).mean()) for l, s in sets.items()},
-            "overlap": pair_overlaps(sets, job.pairs, np.asarray(job.perm))}
+    overlap = layer_overlap(layer, sets, job.pairs, np.asarray(job.perm))
+    return Item(meta={"pairs": {p: asdict(v) for p, v in overlap.pairs.items()}, "size": overlap.size, "fve_lang": fve})

@@ -12,21 +12,28 @@ Training streams the zarr store block by block (`Activations.iter_layer`), never
 all tokens of every training prompt are samples, padding (token_ids = -1) is dropped, and the first token of each
 prompt can be dropped too (the BOS / attention-sink position has a norm tens of times the rest and would dominate
 the MSE). The last `holdout` fraction of prompts is kept out of training for the fraction of variance explained.
+Each layer's SAE is a stage item (`sae_stage`, item `layer_XX`), published as soon as that layer has trained.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from lensflow.tasks.stages import Item, Stage
 from lensflow.tasks.store import Activations
 
+if TYPE_CHECKING:
+    from lensflow.tasks.config import MultilingualConf
+    from lensflow.tasks.tracking import RunRef
+
 ACTIVATIONS = ("topk", "relu")
-FORMAT = 2  # saved-state layout; part of the reuse key, so SAEs saved by older code are retrained, not misloaded
+VERSION = 3  # of the saved state and the training code: part of the SAE stage key, so old SAEs are never misread
 
 
 class SparseAutoencoder(nn.Module):
@@ -211,11 +218,33 @@ def evaluate(sae: SparseAutoencoder, blocks: Iterator[np.ndarray]) -> dict[str, 
             "tokens": float(n)}
 
 
-@dataclass(frozen=True)
-class LayerJob:
-    """One layer's SAE: train on store rows [0, n_train), evaluate on the rest, log a child run (or reuse one)."""
+SAE_PARAMS = ("activation", "expansion", "k", "l1", "steps", "batch_tokens", "lr", "holdout")
 
-    url: str  # general-text store group, positions=all
+
+def sae_stage(root: str, general_key: str, sc: MultilingualConf.SAE, skip_first: bool, seed: int) -> Stage:
+    """Where the per-layer SAEs live: keyed by the general-text store (model, texts, layers) and every setting
+    that changes a trained SAE; one item `layer_XX` per resid layer."""
+    params = {**{p: getattr(sc, p) for p in SAE_PARAMS}, "skip_first": skip_first, "seed": seed}
+    return Stage.of(root, "multilingual/sae", None, params, inputs=[general_key], version=VERSION)
+
+
+@dataclass(frozen=True)
+class SAEMetrics:
+    """Held-out quality of one SAE on general text (`evaluate`)."""
+
+    fve: float
+    l0: float
+    dead: float
+    mse: float
+    tokens: float
+
+
+@dataclass(frozen=True)
+class SAEJob:
+    """One layer's SAE: train on store rows [0, n_train), evaluate on the rest, publish it as item `layer_XX`."""
+
+    stage: Stage
+    url: str  # general-text store, positions=all
     layer: int
     width: int
     activation: str
@@ -223,57 +252,52 @@ class LayerJob:
     spec: TrainSpec
     holdout: float
     skip_first: bool
-    ref: object | None = None  # tracking.RunRef of the flow run; None = no logging (tests)
+    run: RunRef | None = None  # the flow run, parent of the training's child run; None = no logging
 
     @property
-    def key(self) -> str:
-        """Identity of the trained SAE: a rerun with the same data and settings finds and reuses it."""
-        import hashlib
-        import json
-
-        payload = [FORMAT, self.url.rsplit("/", 1)[-1], self.layer, self.width, self.activation, self.k, self.spec.__dict__,
-                   self.holdout, self.skip_first]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-    def artifact(self) -> str:
-        return f"sae/layer_{self.layer:02d}.safetensors"
+    def item(self) -> str:
+        return f"layer_{self.layer:02d}"
 
 
-def _reuse(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]] | None:
-    from lensflow.tasks.tracking import finished_runs, load_tensors
-
-    runs = finished_runs(job.ref.tracking_uri, job.ref.experiment_id, {"sae_key": job.key}, max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
-    sae = SparseAutoencoder.from_state(load_tensors(job.ref.tracking_uri, run.info.run_id, job.artifact()))
-    metrics = {k.removeprefix("sae."): v for k, v in run.data.metrics.items() if k.startswith("sae.") and k != "sae.loss"}
-    return sae, {**metrics, "run_id": run.info.run_id, "resumed": 1.0}
+@dataclass
+class TrainedSAE:
+    layer: int
+    sae: SparseAutoencoder
+    metrics: SAEMetrics
+    trained: bool  # by this call; False = found in the store
+    run_id: str | None  # the child run that logged its training (loss curve, safetensors)
 
 
-def train_layer(job: LayerJob) -> tuple[SparseAutoencoder, dict[str, float]]:
-    """Ray-task body: (SAE, {fve, l0, dead, mse, tokens, run_id, resumed}); training is skipped when a finished
-    child run with the same key exists (resume)."""
-    if job.ref is not None:
-        found = _reuse(job)
-        if found is not None:
-            return found
+def train_sae(job: SAEJob) -> TrainedSAE:
+    """Ray remote body: the layer's SAE from the store, or trained and published there the moment it is done, so a
+    run killed mid-way keeps every finished layer."""
+    item, computed = job.stage.get_or_compute(job.item, lambda: _train(job))
+    sae = SparseAutoencoder.from_state(item.tensors).to(_device())
+    return TrainedSAE(job.layer, sae, SAEMetrics(**item.meta["metrics"]), computed, item.meta["run_id"])
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the Ray remote call was given one
+
+
+def _train(job: SAEJob) -> Item:
     acts = Activations(job.url)
     n_train = max(1, min(acts.n - 1, int(round(acts.n * (1 - job.holdout)))))
     step = acts.chunk_rows
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the Ray task was given one
-    sae = SparseAutoencoder(acts.d_model, job.width, job.activation, job.k, seed=job.spec.seed + job.layer).to(device)
+    sae = SparseAutoencoder(acts.d_model, job.width, job.activation, job.k, seed=job.spec.seed + job.layer)
+    sae = sae.to(_device())
     losses = train(sae, lambda: token_blocks(acts, job.layer, slice(0, n_train), step, job.skip_first), job.spec)
     metrics = evaluate(sae, token_blocks(acts, job.layer, slice(n_train, acts.n), step, job.skip_first))
-    if job.ref is None:
-        return sae, {**metrics, "resumed": 0.0}
-    from lensflow.tasks.tracking import child_run, log_metrics, log_series, log_tensors
+    run_id = None
+    if job.run is not None:
+        from lensflow.tasks.tracking import child_run, log_metrics, log_series, log_tensors
 
-    params = {"layer": job.layer, "width": job.width, "activation": job.activation, "k": job.k, **job.spec.__dict__,
-              "holdout": job.holdout, "skip_first": job.skip_first, "store": job.url}
-    with child_run(job.ref, f"sae-layer-{job.layer:02d}", params) as child:
-        child.client.set_tag(child.run_id, "sae_key", job.key)
-        log_series(child, "sae.loss", losses)
-        log_metrics(child, {f"sae.{k}": v for k, v in metrics.items()})
-        log_tensors(child, sae.state(), job.artifact())
-    return sae, {**metrics, "run_id": child.run_id, "resumed": 0.0}
+        params = {"layer": job.layer, "width": job.width, "activation": job.activation, "k": job.k,
+                  **job.spec.__dict__, "holdout": job.holdout, "skip_first": job.skip_first, "store": job.url,
+                  "stage_item": job.stage.item_url(job.item)}
+        with child_run(job.run, f"sae-layer-{job.layer:02d}", params) as child:
+            log_series(child, "sae.loss", losses)
+            log_metrics(child, {f"sae.{k}": v for k, v in metrics.items()})
+            log_tensors(child, sae.state(), f"sae/{job.item}.safetensors")
+        run_id = child.run_id
+    return Item(sae.state(), {"metrics": metrics, "losses": losses, "run_id": run_id})

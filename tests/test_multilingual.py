@@ -1,4 +1,5 @@
-"""Multilingual feature overlap: SAE math and training, Jaccard overlap, neuron sets, the parallel loader, the flow.
+"""Multilingual feature overlap: SAE math and training, Jaccard overlap, the per-layer SAE and overlap stages, the
+parallel loader.
 
 Every number is checked against a direct computation written here (Python sets, numpy sums, a hand-registered
 torch hook on an unpadded single-text forward), never against the code under test.
@@ -13,10 +14,21 @@ import torch
 from lensflow.tasks import store
 from lensflow.tasks.config import ConfigError
 from lensflow.tasks.data.parallel import load_parallel
-from lensflow.tasks.models import load_model
-from lensflow.tasks.config import ModelConf
-from lensflow.tasks.overlap import NeuronJob, active_sets, derangement, jaccard, neuron_active_sets, pair_overlaps, sae_active_sets
-from lensflow.tasks.sae import SparseAutoencoder, TrainSpec, evaluate, loss_terms, token_blocks, train
+from lensflow.tasks.config import MultilingualConf
+from lensflow.tasks.overlap import OverlapJob, active_sets, derangement, jaccard, overlap_stage, pair_overlaps, \
+    sae_active_sets, sae_layer
+from lensflow.tasks.sae import SAEJob, SparseAutoencoder, TrainSpec, evaluate, loss_terms, sae_stage, token_blocks, \
+    train, train_sae
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Matrices this small train faster on one thread; on a loaded 2-core machine two threads measured 8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- overlap math
@@ -48,11 +60,11 @@ def test_pair_overlaps_translated_vs_unrelated():
         sa, sb = set(np.flatnonzero(sets["en"][i])), set(np.flatnonzero(sets["fr"][j]))
         return len(sa & sb) / len(sa | sb)
 
-    assert got["translated"] == pytest.approx(np.mean([direct(i, i) for i in range(n)]))
-    assert got["unrelated"] == pytest.approx(np.mean([direct(i, perm[i]) for i in range(n)]))
+    assert got.translated == pytest.approx(np.mean([direct(i, i) for i in range(n)]))
+    assert got.unrelated == pytest.approx(np.mean([direct(i, perm[i]) for i in range(n)]))
     diffs = [direct(i, i) - direct(i, perm[i]) for i in range(n)]
-    assert got["gap_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(n))
-    assert got["translated"] > got["unrelated"]
+    assert got.gap_se == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(n))
+    assert got.translated > got.unrelated
 
 
 def test_active_sets_ignore_masked_tokens():
@@ -139,11 +151,11 @@ def test_state_round_trip():
 
 # ---------------------------------------------------------------- store-streamed SAE sets
 
-def _tiny_store(tmp_path, acts: np.ndarray, lengths: list[int], chunk: int = 2) -> store.Activations:
+def _tiny_store(tmp_path, acts: np.ndarray, lengths: list[int], chunk: int = 2, name: str = "g") -> store.Activations:
     n, t, d = acts.shape
     spec = store.StoreSpec(n=n, max_tokens=t, d_model=d, n_heads=1, head_dim=d, layers=[5], blocks=[], positions="all",
                            sites=["resid"], dtype="float32", chunk_size=chunk, compression_level=1, attrs={"fingerprint": "x"})
-    url = str(tmp_path / "g")
+    url = str(tmp_path / name)
     store.create(url, spec, [f"t{i}" for i in range(n)])
     for c in range(spec.n_chunks):
         rows = spec.rows(c)
@@ -173,25 +185,64 @@ def test_sae_sets_and_token_stream_from_store_skip_padding_and_first_token(tmp_p
     assert np.array_equal(tokens, np.concatenate([acts[i, : lengths[i]] for i in (1, 2, 3)]))
 
 
-# ---------------------------------------------------------------- MLP-neuron sets on the model
+# ---------------------------------------------------------------- per-layer stages: SAE, then its overlaps
 
-def test_neuron_sets_match_unpadded_single_text_forward():
-    lm = load_model(ModelConf(name="tiny-llama"))
-    texts = ["the cat sat on the mat", "le chat", "un gato grande y negro en la casa"]
-    blocks = [1, 3]
-    thresholds = {1: np.float32(0.02), 3: np.linspace(-0.01, 0.03, 128).astype(np.float32)}
-    got = neuron_active_sets(lm, NeuronJob(texts, blocks, 64, skip_first=True, thresholds=thresholds))
-    for i, text in enumerate(texts):  # reference: one text, no padding, our own hook on the down projection
-        seen = {}
-        hooks = [lm.mlp_down(b).register_forward_pre_hook(lambda m, a, b=b: seen.__setitem__(b, a[0][0].clone()))
-                 for b in blocks]
-        with torch.no_grad():
-            lm.model(**lm.tokenizer([text], return_tensors="pt"))
-        for h in hooks:
-            h.remove()
-        for b in blocks:
-            ref = (seen[b][1:] > torch.as_tensor(thresholds[b])).any(0).numpy()
-            assert np.array_equal(got[b][i], ref), (i, b)
+def _sparse_store(tmp_path, name: str, n: int, seed: int) -> tuple[store.Activations, np.ndarray, list[int]]:
+    """A store (layer 5) of rows that are sparse sums of one shared dictionary, with ragged lengths."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(3, 7, n)]
+    acts = _sparse_data(n * 6, d=8, atoms=12, active=2, seed=seed).reshape(n, 6, 8)
+    return _tiny_store(tmp_path, acts, lengths, name=name), acts, lengths
+
+
+def _sae_job(tmp_path, url: str, k: int = 2) -> SAEJob:
+    sc = MultilingualConf.SAE(k=k, expansion=3, steps=40, batch_tokens=8, lr=1e-2, holdout=0.25)
+    stage = sae_stage(str(tmp_path / "stages"), "general-key", sc, skip_first=True, seed=0)
+    return SAEJob(stage, url, 5, 24, "topk", k, TrainSpec(40, 8, 1e-2, sc.l1, 0), 0.25, True)
+
+
+def test_sae_is_published_once_and_found_again_with_its_held_out_metrics(tmp_path):
+    acts, data, lengths = _sparse_store(tmp_path, "general", 8, seed=1)
+    job = _sae_job(tmp_path, acts.url)
+    first = train_sae(job)
+    assert first.trained and job.stage.done("layer_05") and first.run_id is None
+    again = train_sae(job)
+    assert not again.trained and again.metrics == first.metrics
+    assert all(torch.equal(a, b) for a, b in zip(again.sae.state().values(), first.sae.state().values()))
+    # held out: the last quarter of the prompts (rows 6, 7), first token dropped, padding never a token
+    held = np.concatenate([data[i, 1:lengths[i]] for i in (6, 7)])
+    with torch.no_grad():
+        x_hat = again.sae(torch.from_numpy(held))[0].double().numpy()
+    fve = 1 - ((held - x_hat) ** 2).sum() / ((held - held.mean(0)) ** 2).sum()
+    assert again.metrics.fve == pytest.approx(fve, rel=1e-6) and again.metrics.tokens == len(held)
+    assert again.metrics.l0 <= 2
+
+
+def test_sae_layer_measures_overlaps_once_against_python_sets(tmp_path):
+    general, _, _ = _sparse_store(tmp_path, "general", 8, seed=1)
+    en, en_data, en_len = _sparse_store(tmp_path, "en", 5, seed=2)
+    fr, fr_data, fr_len = _sparse_store(tmp_path, "fr", 5, seed=3)
+    job = _sae_job(tmp_path, general.url)
+    perm = derangement(5, seed=0)
+    stage = overlap_stage(job.stage.root, job.stage, {"en": "en-key", "fr": "fr-key"}, [("en", "fr")], seed=0)
+    ojob = OverlapJob(job, stage, {"en": en.url, "fr": fr.url}, [("en", "fr")], perm.tolist())
+    first = sae_layer(ojob)
+    assert (first.trained, first.measured) == (True, True)
+    again = sae_layer(ojob)
+    assert (again.trained, again.measured) == (False, False) and again.overlap == first.overlap
+    sae = train_sae(job).sae
+    with torch.no_grad():
+        sets = {lang: [set(torch.nonzero(sae.encode(torch.from_numpy(d[i, 1:n[i]])) > 0)[:, 1].tolist()) for i in range(5)]
+                for lang, d, n in (("en", en_data, en_len), ("fr", fr_data, fr_len))}
+    translated = np.mean([len(a & b) / len(a | b) for a, b in zip(sets["en"], sets["fr"])])
+    unrelated = np.mean([len(sets["en"][i] & sets["fr"][perm[i]]) / len(sets["en"][i] | sets["fr"][perm[i]]) for i in range(5)])
+    got = again.overlap.pairs["en-fr"]
+    assert got.translated == pytest.approx(translated) and got.unrelated == pytest.approx(unrelated)
+    assert again.overlap.size["fr"] == pytest.approx(np.mean([len(x) for x in sets["fr"]]))
+    job1 = _sae_job(tmp_path, general.url, k=1)
+    stage1 = overlap_stage(job1.stage.root, job1.stage, {"en": "en-key", "fr": "fr-key"}, [("en", "fr")], seed=0)
+    k1 = sae_layer(OverlapJob(job1, stage1, ojob.paragraphs, ojob.pairs, ojob.perm))
+    assert (k1.trained, k1.measured) == (True, True)  # another k: another SAE, so its overlaps are measured again
 
 
 # ---------------------------------------------------------------- parallel loader
@@ -226,62 +277,3 @@ def test_parallel_loader_rejects_misaligned_files_naming_the_file(tmp_path):
 def test_shipped_corpus_is_aligned():
     corpus = load_parallel(["en", "fr", "es", "de"])
     assert len({len(v) for v in corpus.values()}) == 1 and len(corpus["en"]) >= 50
-
-
-# ---------------------------------------------------------------- the flow, end to end on a tiny model
-
-EN = ["The cat sleeps on the warm mat.", "We walked to the market in the rain.", "Bread needs flour, water and salt.",
-      "The train leaves at seven tomorrow.", "My sister plays the violin well.", "Snow covered the quiet village."]
-FR = ["Le chat dort sur le tapis chaud.", "Nous sommes allés au marché sous la pluie.", "Le pain demande farine, eau et sel.",
-      "Le train part à sept heures demain.", "Ma soeur joue bien du violon.", "La neige couvrait le village calme."]
-
-
-def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, tracking_uri):
-    from mlflow.tracking import MlflowClient
-
-    from lensflow.flows.multilingual import multilingual_flow
-    from lensflow.tasks.tracking import load_tensors, local_uri
-
-    files = {"en": _write(tmp_path, "en.txt", EN), "fr": _write(tmp_path, "fr.txt", FR)}
-    overrides = [
-        "model.name=tiny-llama", f"store.root={tmp_path / 'store'}", f"tracking.uri={tracking_uri}", "ray.actors=1",
-        "data.max_tokens=16", "store.chunk_size=4", "multilingual.languages=[en, fr]",
-        f"multilingual.files={{en: {files['en']}, fr: {files['fr']}}}", "multilingual.paragraph_tokens=48",
-        "multilingual.sae.train_prompts=16", "multilingual.sae.steps=20", "multilingual.sae.batch_tokens=64",
-        "multilingual.sae.k=4", "multilingual.neurons.calibration_prompts=8",
-    ]
-    out = multilingual_flow(config="conf/default.yaml", overrides=overrides)
-    assert out["layers"] == [0, 3, 4] and out["paragraphs"] == 6
-    client = MlflowClient(local_uri(tracking_uri))
-    run = client.get_run(out["run_id"])
-    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "multilingual.overlap.translated.en-fr")}
-    assert sorted(hist) == [0, 3, 4]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "multilingual.neurons.overlap.unrelated.en-fr")) == [2, 3]
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "multilingual.sae.fve")} == {0, 3, 4}
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert len(children) == 3
-    for child in children:
-        assert len(client.get_metric_history(child.info.run_id, "sae.loss")) == 20
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/multilingual_overlap_sae.png", "plots/multilingual_overlap_neurons.png"} <= arts
-
-    # independent check at resid layer 3: the saved SAE on a plain HF forward of each paragraph (no padding, no store)
-    child3 = run.data.tags["multilingual.sae.layer_03"]
-    sae = SparseAutoencoder.from_state(load_tensors(tracking_uri, child3, "sae/layer_03.safetensors"))
-    lm = load_model(ModelConf(name="tiny-llama"))
-    feats = {}
-    for lang, paras in (("en", EN), ("fr", FR)):
-        feats[lang] = []
-        for text in paras:
-            ids = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=48)["input_ids"]
-            with torch.no_grad():
-                h = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[3][0, 1:]
-                feats[lang].append(set(torch.nonzero(sae.encode(h) > 0)[:, 1].tolist()))
-    ref = np.mean([len(a & b) / len(a | b) for a, b in zip(feats["en"], feats["fr"])])
-    assert hist[3] == pytest.approx(ref, abs=1e-6)
-
-    again = multilingual_flow(config="conf/default.yaml", overrides=overrides)  # resume: SAEs reused, not retrained
-    run2 = client.get_run(again["run_id"])
-    assert run2.data.tags["multilingual.sae.layer_03"] == child3
-    assert client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run2.info.run_id}'") == []
-    assert again["gap"] == pytest.approx(out["gap"])

@@ -1,0 +1,78 @@
+"""The multilingual experiment's decisions: its inputs, which layers, which pairs and baseline, the stores it
+extracts and the per-layer SAE jobs. Plain functions, so the flow reads as an outline and each choice is tested
+without Prefect or Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lensflow.tasks.actors import connect, map_remote
+from lensflow.tasks.config import Config, ConfigError, MultilingualConf, with_overrides
+from lensflow.tasks.data import load_prompts
+from lensflow.tasks.data.parallel import load_parallel
+from lensflow.tasks.extraction import Extraction
+from lensflow.tasks.models import ModelInfo
+from lensflow.tasks.overlap import OverlapJob, SAELayerResult, derangement, overlap_stage, parse_pairs, sae_layer
+from lensflow.tasks.sae import SAEJob, TrainSpec, sae_stage
+from lensflow.tasks.tracking import RunRef
+
+
+@dataclass(frozen=True)
+class MultilingualInputs:
+    corpus: dict[str, list[str]]  # language -> paragraphs, aligned by index
+    pairs: list[tuple[str, str]]
+    perm: np.ndarray  # unrelated baseline: paragraph i against paragraph perm[i] (a derangement)
+    general: list[str]  # general text: SAE training (every token) and neuron calibration (the first prompts)
+
+    @property
+    def n_paragraphs(self) -> int:
+        return len(next(iter(self.corpus.values())))
+
+
+def load_inputs(conf: Config) -> MultilingualInputs:
+    """Everything the run reads, loaded and checked before any store or run exists."""
+    mc = conf.multilingual
+    corpus = load_parallel(mc.languages, mc.files, mc.max_paragraphs)
+    pairs = parse_pairs(mc.languages, mc.pairs)
+    general = load_prompts(with_overrides(conf, {"data.max_prompts": mc.sae.train_prompts}).data)
+    return MultilingualInputs(corpus, pairs, derangement(len(corpus[mc.languages[0]]), mc.seed), general)
+
+
+def choose_layers(mc: MultilingualConf, n_layers: int) -> list[int]:
+    """Configured resid layers, or every `layer_stride`-th layer from 0 plus the last."""
+    if mc.layers is not None:
+        bad = [l for l in mc.layers if not 0 <= l <= n_layers]
+        if bad:
+            raise ConfigError(f"config key 'multilingual.layers': {bad} out of range 0..{n_layers}")
+        return sorted(set(mc.layers))
+    return sorted({*range(0, n_layers + 1, mc.layer_stride), n_layers})
+
+
+def store_confs(conf: Config, layers: list[int]) -> tuple[Config, Config]:
+    """(general text, paragraphs): every token of the chosen resid layers; paragraphs cut at paragraph_tokens."""
+    general = with_overrides(conf, {"store.positions": "all", "store.layers": layers, "store.sites": ["resid"]})
+    return general, with_overrides(general, {"data.max_tokens": conf.multilingual.paragraph_tokens})
+
+
+def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, paragraphs: dict[str, Extraction],
+             layers: list[int], inputs: MultilingualInputs, run: RunRef | None) -> list[OverlapJob]:
+    """One job per resid layer: its SAE item keyed by the general store and the SAE settings, its overlap item
+    keyed by that SAE stage, the paragraph stores, the pairs and the baseline's seed."""
+    mc, sc = conf.multilingual, conf.multilingual.sae
+    saes = sae_stage(conf.store.root, general.key, sc, mc.skip_first, mc.seed)
+    overlaps = overlap_stage(conf.store.root, saes, {l: ex.key for l, ex in paragraphs.items()}, inputs.pairs, mc.seed)
+    spec = TrainSpec(steps=sc.steps, batch_tokens=sc.batch_tokens, lr=sc.lr, l1=sc.l1, seed=mc.seed)
+    urls = {lang: ex.url for lang, ex in paragraphs.items()}
+    return [OverlapJob(SAEJob(saes, general.url, l, sc.expansion * info.d_model, sc.activation, sc.k, spec, sc.holdout,
+                              mc.skip_first, run), overlaps, urls, inputs.pairs, inputs.perm.tolist()) for l in layers]
+
+
+def sae_layers(conf: Config, jobs: list[OverlapJob]) -> list[SAELayerResult]:
+    """One Ray remote call per layer, on a GPU where the cluster has one (the model actors are gone by then)."""
+    import ray
+
+    connect(conf.ray)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return map_remote(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)
