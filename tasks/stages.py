@@ -116,6 +116,7 @@ class Stage:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
             f.write(raw)
+        os.chmod(f.name, 0o666 & ~_umask())  # temporary files are private (0600); a shared store is not
         os.replace(f.name, path)
 
     @contextmanager
@@ -146,6 +147,12 @@ class Stage:
             value = compute()
             self.save(item, value)
             return value, True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(x: Any) -> Any:
