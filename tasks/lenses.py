@@ -6,14 +6,13 @@ zero, so training starts from the logit lens), trained to minimise KL(final || l
 
 The loss needs the model's final distribution p per token, but never the whole of it: with z = W n + b the lens
 logits (n = final_norm(h)), KL(p || softmax z) = logsumexp(z) - u.n - c where u = W^T p and c = H(p) + p.b.
-So the targets of every token are d_model + 2 numbers (`Targets`), computed once from the stored last layer,
+So the targets of every token are d_model + 2 numbers (`LensTargets`), computed once from the stored last layer,
 instead of a vocab-sized distribution recomputed for every layer and step; the loss and its gradient are exact.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -75,7 +74,7 @@ class Translator(nn.Module):
 
 
 @dataclass
-class Targets:
+class LensTargets:
     """Per-token summary of the final distribution p: u = W^T p [N, d], c = H(p) + p.b [N], top1 = argmax p [N]."""
 
     u: torch.Tensor
@@ -85,16 +84,26 @@ class Targets:
     def __len__(self) -> int:
         return self.u.shape[0]
 
-    def __getitem__(self, idx) -> Targets:
-        return Targets(self.u[idx], self.c[idx], self.top1[idx])
+    def to(self, device: torch.device | str) -> LensTargets:
+        return LensTargets(self.u.to(device), self.c.to(device), self.top1.to(device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"u": self.u, "c": self.c, "top1": self.top1}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> LensTargets:
+        return cls(tensors["u"], tensors["c"], tensors["top1"])
+
+    def __getitem__(self, idx) -> LensTargets:
+        return LensTargets(self.u[idx], self.c[idx], self.top1[idx])
 
     @staticmethod
-    def cat(parts: list[Targets]) -> Targets:
-        return Targets(torch.cat([p.u for p in parts]), torch.cat([p.c for p in parts]), torch.cat([p.top1 for p in parts]))
+    def cat(parts: list[LensTargets]) -> LensTargets:
+        return LensTargets(*(torch.cat([getattr(p, k) for p in parts]) for k in ("u", "c", "top1")))
 
 
 @torch.no_grad()
-def final_targets(readout: Readout, h_last: torch.Tensor, chunk: int = 512) -> Targets:
+def final_targets(readout: Readout, h_last: torch.Tensor, chunk: int = 512) -> LensTargets:
     """Targets from the last residual layer (the model's own output distribution), `chunk` tokens at a time."""
     parts = []
     for x in h_last.float().split(chunk):
@@ -104,8 +113,8 @@ def final_targets(readout: Readout, h_last: torch.Tensor, chunk: int = 512) -> T
         c = -(p * logp).sum(-1)
         if readout.bias is not None:
             c = c + p @ readout.bias.float()
-        parts.append(Targets(p @ readout.weight.float(), c, z.argmax(-1)))
-    return Targets.cat(parts)
+        parts.append(LensTargets(p @ readout.weight.float(), c, z.argmax(-1)))
+    return LensTargets.cat(parts)
 
 
 class _LogSumExp(torch.autograd.Function):
@@ -127,7 +136,7 @@ class _LogSumExp(torch.autograd.Function):
         return p.mul_(grad.unsqueeze(-1)).to(ctx.in_dtype)  # p is not needed again: reuse its memory
 
 
-def kl_and_top1(readout: Readout, h: torch.Tensor, targets: Targets,
+def kl_and_top1(readout: Readout, h: torch.Tensor, targets: LensTargets,
                 top1: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token KL(final || lens) in nats and whether the lens' top token is the model's, for states h [N, d]
     (already translated for the tuned lens). Differentiable in h; the readout's dtype sets the matmul precision."""
@@ -138,7 +147,7 @@ def kl_and_top1(readout: Readout, h: torch.Tensor, targets: Targets,
 
 
 @torch.no_grad()
-def evaluate(readout: Readout, batches: Iterable[tuple[torch.Tensor, Targets]],
+def evaluate(readout: Readout, batches: Iterable[tuple[torch.Tensor, LensTargets]],
              translator: Translator | None = None) -> dict[str, float]:
     """Mean KL to the final distribution and top-1 agreement over all tokens of `batches`."""
     kl_sum, agree, n = 0.0, 0, 0
@@ -154,7 +163,7 @@ def evaluate(readout: Readout, batches: Iterable[tuple[torch.Tensor, Targets]],
 
 def train_translator(
     readout: Readout,
-    batches: Callable[[int], Iterable[tuple[torch.Tensor, Targets]]],
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, LensTargets]]],
     d_model: int,
     epochs: int,
     lr: float,
@@ -164,7 +173,7 @@ def train_translator(
     seed: int = 0,
 ) -> tuple[Translator, list[float]]:
     """Fit one layer's translator by AdamW on KL(final || lens), the learning rate decaying linearly to zero
-    over epochs * steps_per_epoch steps; `batches(epoch)` yields (h [B, d], Targets).
+    over epochs * steps_per_epoch steps; `batches(epoch)` yields (h [B, d], LensTargets).
 
     The frozen readout runs in `compute_dtype` (bf16 matmuls are ~3x faster on CPUs with AVX-512 BF16 and
     GPUs; the translator, loss and optimizer stay fp32). Returns the translator and the per-step losses."""
@@ -202,11 +211,11 @@ def flatten_tokens(block: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
 def token_batches(
     blocks: Iterable[tuple[int, np.ndarray]],
     lengths: np.ndarray,
-    targets: Targets,
+    targets: LensTargets,
     batch_tokens: int,
     rows: range,
     shuffle_seed: int | None = None,
-) -> Iterator[tuple[torch.Tensor, Targets]]:
+) -> Iterator[tuple[torch.Tensor, LensTargets]]:
     """Stream (h, targets) minibatches of real tokens from row blocks (start_row, [rows, T, d]) of one layer,
     keeping only prompts in `rows`; tokens are shuffled within a block when shuffle_seed is set."""
     offsets = token_offsets(lengths)
@@ -255,151 +264,6 @@ def grid_cells(readout: Readout, states: torch.Tensor, tokenizer,
     return layers, cells, probs
 
 
-# ---- store-backed jobs (run as Ray tasks by flows/logit_lens.py; plain functions, testable without Ray) ----
-
-TRANSLATORS_FILE = "tuned_lens/translators.safetensors"
-
-
-def _resolve(x):
-    """Ray passes big shared inputs (readout, targets) as object refs inside job items; tests pass values."""
-    if type(x).__name__ == "ObjectRef":
-        import ray
-
-        return ray.get(x)
-    return x
-
-
 def readout_of(lm: LM, _: object = None) -> Readout:
-    """Model-actor side: the final norm + unembedding the lens tasks need, without the rest of the model."""
+    """Model-actor side: the final norm + unembedding the lens stages need, without the rest of the model."""
     return Readout.from_lm(lm)
-
-
-@dataclass(frozen=True)
-class TargetsJob:
-    url: str
-    layer: int  # the model's last resid layer (n_layers)
-    rows: range
-    readout: object  # Readout or its ray.put ref
-
-
-def targets_job(job: TargetsJob) -> Targets:
-    """Targets of every real token of a block of prompts, from the stored last layer."""
-    from lensflow.tasks.store import Activations
-
-    acts = Activations(job.url)
-    block = acts.layer(job.layer, slice(job.rows.start, job.rows.stop))
-    h = flatten_tokens(block, acts.lengths[job.rows.start:job.rows.stop])
-    return final_targets(_resolve(job.readout), h)
-
-
-@dataclass(frozen=True)
-class LayerJob:
-    url: str
-    layer: int
-    last_layer: int
-    train_rows: range
-    eval_rows: range
-    readout: object  # Readout or ray ref
-    targets: object  # Targets of every token of the store, or ray ref
-    epochs: int = 2
-    batch_tokens: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    compute_dtype: str = "bfloat16"
-    seed: int = 0
-    translator: dict[str, torch.Tensor] | None = None  # given: evaluate only (reuse / cache hit)
-    parent: object = None  # tracking.RunRef: log a child run with the loss curve and the translator
-    key: str = ""  # cache identity, tagged on the child run
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run_layer(job: LayerJob) -> dict:
-    """One layer of the tuned lens: train its translator (streamed from the store) unless given, then evaluate
-    logit and tuned lens on the held-out prompts. The last layer's translator is the identity by definition."""
-    from lensflow.tasks.store import Activations
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    dev = _device()
-    readout = _resolve(job.readout).to(dev)
-    targets = _resolve(job.targets)
-    targets = Targets(targets.u.to(dev), targets.c.to(dev), targets.top1.to(dev))
-    acts = Activations(job.url)
-    lengths = acts.lengths
-    step = acts.chunk_rows
-
-    def batches(rows: range, shuffle_seed: int | None):
-        starts = range(rows.start, rows.stop, step)
-        blocks = zip(starts, acts.iter_layer(job.layer, step, slice(rows.start, rows.stop)))
-        for h, tgt in token_batches(blocks, lengths, targets, job.batch_tokens, rows, shuffle_seed):
-            yield h.to(dev), tgt
-
-    losses: list[float] = []
-    trained = False
-    if job.translator is not None:
-        tr = Translator.from_tensors(job.translator)
-    elif job.layer == job.last_layer:
-        tr = Translator(acts.d_model)
-    else:
-        n_train = int(lengths[job.train_rows.start:job.train_rows.stop].sum())
-        tr, losses = train_translator(
-            readout, lambda epoch: batches(job.train_rows, job.seed * 1000 + epoch), acts.d_model, job.epochs, job.lr,
-            -(-n_train // job.batch_tokens), job.weight_decay, getattr(torch, job.compute_dtype), job.seed)
-        trained = True
-    tr = tr.to(dev)
-    n_eval = int(lengths[job.eval_rows.start:job.eval_rows.stop].sum())
-    logit = evaluate(readout, batches(job.eval_rows, None))
-    tuned = evaluate(readout, batches(job.eval_rows, None), tr)
-    out = {"layer": job.layer, "translator": tr.cpu().tensors(), "losses": losses, "trained": trained,
-           "eval_tokens": n_eval, "logit": logit, "tuned": tuned,
-           "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}  # cpu: contention-free cost
-    if trained and job.parent is not None:
-        _log_layer(job, out)
-    return out
-
-
-def _log_layer(job: LayerJob, out: dict) -> None:
-    """Child run per trained layer: its loss curve, held-out metrics and translator (a resumable cache entry)."""
-    from lensflow.tasks import tracking
-
-    params = {"layer": job.layer, "epochs": job.epochs, "batch_tokens": job.batch_tokens, "lr": job.lr,
-              "weight_decay": job.weight_decay, "compute_dtype": job.compute_dtype, "seed": job.seed}
-    with tracking.child_run(job.parent, f"tuned-lens-layer-{job.layer:02d}", params) as ref:
-        tracking.set_tags(ref, {"lens_key": job.key, "layer": job.layer})
-        tracking.log_series(ref, "train.kl", out["losses"])
-        tracking.log_metrics(ref, {"heldout.logit_lens.kl_to_final": out["logit"]["kl_to_final"],
-                                   "heldout.tuned_lens.kl_to_final": out["tuned"]["kl_to_final"],
-                                   "heldout.tuned_lens.top1_agree": out["tuned"]["top1_agree"]})
-        tracking.log_tensors(ref, out["translator"], "translator.safetensors")
-
-
-def translators_to_tensors(translators: dict[int, Translator | dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    flat = {}
-    for layer, tr in translators.items():
-        for name, value in (tr.tensors() if isinstance(tr, Translator) else tr).items():
-            flat[f"layer_{layer:02d}.{name}"] = value
-    return flat
-
-
-def translators_from_tensors(flat: dict[str, torch.Tensor]) -> dict[int, Translator]:
-    by_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        layer, name = key.split(".", 1)
-        by_layer.setdefault(int(layer.removeprefix("layer_")), {})[name] = value
-    return {l: Translator.from_tensors(t) for l, t in sorted(by_layer.items())}
-
-
-def save_translators(ref, translators: dict[int, Translator | dict[str, torch.Tensor]]) -> None:
-    """All layers' translators as one safetensors artifact of the run (tensors layer_03.weight, layer_03.bias)."""
-    from lensflow.tasks import tracking
-
-    tracking.log_tensors(ref, translators_to_tensors(translators), TRANSLATORS_FILE)
-
-
-def load_translators(tracking_uri: str, run_id: str) -> dict[int, Translator]:
-    """A previous logit-lens run's tuned lens, by run id."""
-    from lensflow.tasks import tracking
-
-    return translators_from_tensors(tracking.load_tensors(tracking_uri, run_id, TRANSLATORS_FILE))

@@ -3,14 +3,17 @@ softmax KL, a hand-built token layout; the tuned lens must beat the identity on 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from lensflow.tasks.data import builtin_texts
 from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.lenses import (Readout, Targets, Translator, evaluate, final_targets, grid_cells, kl_and_top1, load_translators,
-                          prompt_states, save_translators, token_batches, train_translator)
+from lensflow.tasks.lens_report import load_translators, save_translators
+from lensflow.tasks.lenses import (LensTargets, Readout, Translator, evaluate, final_targets, grid_cells, kl_and_top1,
+                                   prompt_states, token_batches, train_translator)
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "1 2 3 4 5 6"]
 
@@ -108,7 +111,7 @@ def test_token_batches_align_states_with_targets():
         for p in range(n):
             block[r, p] = [r, p, flat_index]  # a state that names its own token
             flat_index += 1
-    tgt = Targets(torch.zeros(flat_index, d), torch.arange(flat_index, dtype=torch.float32), torch.arange(flat_index))
+    tgt = LensTargets(torch.zeros(flat_index, d), torch.arange(flat_index, dtype=torch.float32), torch.arange(flat_index))
     blocks = [(s, block[s:s + 2]) for s in range(0, n_rows, 2)]
     rows = range(1, 4)
     seen = []
@@ -163,7 +166,7 @@ def test_translators_round_trip_by_run_id(make_conf):
         torch.nn.init.normal_(tr.linear.bias)
         translators[layer] = tr
     with tracking.flow_run(conf, "logit-lens-test") as ref:
-        save_translators(ref, translators)
+        save_translators(ref, {l: tr.tensors() for l, tr in translators.items()})
     loaded = load_translators(conf.tracking.uri, ref.run_id)
     assert sorted(loaded) == [0, 2]
     h = torch.randn(4, 16)
@@ -171,25 +174,41 @@ def test_translators_round_trip_by_run_id(make_conf):
         torch.testing.assert_close(loaded[layer](h), tr(h), atol=0, rtol=0)
 
 
-def test_flow_end_to_end_reuse_and_grid(ray_session, prefect_harness, tmp_path, tracking_uri, monkeypatch):
+
+def _published(root, stage: str) -> dict[str, list[str]]:
+    """{stage key: item names} as they lie under the store root: what the counters must agree with."""
+    from pathlib import Path
+
+    return {d.name: sorted(f.stem for f in d.glob("*.safetensors")) for d in Path(root, stage).glob("*")}
+
+
+def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, tracking_uri, monkeypatch):
+    """One run checked against plain HF forward passes; the same run again computes nothing; a new lenses.lr
+    retrains the translators only (store and targets found)."""
     from mlflow.tracking import MlflowClient
 
-    from lensflow.flows.logit_lens import render_grid, logit_lens_flow
+    from lensflow.flows.logit_lens import logit_lens_flow, render_grid
     from lensflow.tasks.config import load_config
     from lensflow.tasks.data import load_prompts
     from lensflow.tasks.models import load_model
     from lensflow.tasks.tracking import local_uri
 
-    overrides = ["model.name=tiny-llama", f"store.root={tmp_path / 'store'}", f"tracking.uri={tracking_uri}",
+    root = tmp_path / "store"
+    overrides = ["model.name=tiny-llama", f"store.root={root}", f"tracking.uri={tracking_uri}",
                  "ray.actors=1", "data.max_tokens=16", "store.chunk_size=4", "lenses.max_prompts=12",
                  "lenses.heldout=0.25", "lenses.epochs=2", "lenses.batch_tokens=32", "lenses.lr=3e-3"]
     out = logit_lens_flow(config="conf/default.yaml", overrides=overrides)
     assert out["trained_layers"] == 4 and out["train_prompts"] == 9 and out["eval_prompts"] == 3
+    assert out["evaluated_layers"] == 5 and out["targets_chunks_computed"] == 3
+    layer_items = [f"layer_{l:02d}" for l in range(5)]
+    assert list(_published(root, "lens_translators").values()) == [layer_items[:4]]  # the last layer: identity
+    assert list(_published(root, "lens_evaluations").values()) == [layer_items]
+    assert list(_published(root, "lens_targets").values()) == [["chunk_0000", "chunk_0001", "chunk_0002"]]
     client = MlflowClient(local_uri(tracking_uri))
     run_id = out["run_id"]
 
-    def history(name):
-        return {m.step: m.value for m in client.get_metric_history(run_id, name)}
+    def history(name, run=run_id):
+        return {m.step: m.value for m in client.get_metric_history(run, name)}
 
     kl = {lens: history(f"{lens}_lens.kl_to_final") for lens in ("logit", "tuned")}
     top1 = {lens: history(f"{lens}_lens.top1_agree") for lens in ("logit", "tuned")}
@@ -223,16 +242,24 @@ def test_flow_end_to_end_reuse_and_grid(ray_session, prefect_harness, tmp_path, 
     assert sorted(int(c.data.tags["layer"]) for c in children) == [0, 1, 2, 3]  # the last layer is the identity
     for c in children:
         assert len(client.get_metric_history(c.info.run_id, "train.kl")) >= 2
+        assert os.path.isfile(c.data.tags["stage"])  # the child run names the published item
     arts = {a.path for folder in ("plots", "grids", "tuned_lens") for a in client.list_artifacts(run_id, folder)}
     assert {"plots/kl_to_final.png", "plots/top1_agree.png", "grids/logit_lens.png", "grids/tuned_lens.html",
             "tuned_lens/translators.safetensors"} <= arts
 
-    again = logit_lens_flow(config="conf/default.yaml", overrides=overrides)  # resume: translators from the child runs
-    assert again["trained_layers"] == 0
-    assert again["per_layer"]["tuned_lens.kl_to_final"] == pytest.approx(out["per_layer"]["tuned_lens.kl_to_final"])
-    reused = logit_lens_flow(config="conf/default.yaml", overrides=[*overrides, "lenses.epochs=1", f"lenses.reuse_run_id={run_id}"])
-    assert reused["trained_layers"] == 0
-    assert reused["per_layer"]["tuned_lens.kl_to_final"] == pytest.approx(out["per_layer"]["tuned_lens.kl_to_final"])
+    again = logit_lens_flow(config="conf/default.yaml", overrides=overrides)  # every stage found
+    assert (again["trained_layers"], again["evaluated_layers"], again["targets_chunks_computed"]) == (0, 0, 0)
+    assert client.get_run(again["run_id"]).data.metrics["extract.lenses.chunks_computed"] == 0
+    assert again["per_layer"] == out["per_layer"]
+    assert not client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{again['run_id']}'")
+
+    new_lr = logit_lens_flow(config="conf/default.yaml", overrides=[*overrides, "lenses.lr=1e-2"])
+    assert (new_lr["trained_layers"], new_lr["evaluated_layers"], new_lr["targets_chunks_computed"]) == (4, 5, 0)
+    assert client.get_run(new_lr["run_id"]).data.metrics["extract.lenses.chunks_computed"] == 0
+    assert len(_published(root, "lens_translators")) == 2 and len(_published(root, "lens_targets")) == 1
+    assert new_lr["per_layer"]["logit_lens.kl_to_final"] == pytest.approx(out["per_layer"]["logit_lens.kl_to_final"])
+    assert new_lr["per_layer"]["tuned_lens.kl_to_final"][2] != out["per_layer"]["tuned_lens.kl_to_final"][2]
 
     monkeypatch.chdir(tmp_path)
     files = render_grid(conf, "Paris is the capital of", "tuned", run_id=run_id)
