@@ -1,7 +1,7 @@
 """The tuned lens as stages under store.root, each found again when its inputs are unchanged.
 
-  activations (extraction.extract) -> lens_targets (one item per store chunk) -> lens_translators (one item per
-  layer) -> lens_evaluations (one item per layer)
+  activations (extraction.extract) -> lenses/targets (one item per store chunk) -> lenses/translators (one item per
+  layer) -> lenses/evaluations (one item per layer)
 
 Each stage's key covers the key of the stage it reads, so a changed input moves exactly the stages below it:
 a new learning rate retrains the translators and re-evaluates them, but finds the store and the targets. A
@@ -76,11 +76,11 @@ def lens_stages(conf: Config, store_key: str, rows: PromptSplit) -> LensStages:
     """Keys: targets <- the store; translators <- the targets, the split and the training settings; evaluations
     <- the translators and the held-out rows. The model is in the store's key, so no stage repeats it."""
     root = conf.store.root
-    targets = Stage.of(root, "lens_targets", None, {}, [store_key], version=TARGETS_VERSION)
+    targets = Stage.of(root, "lenses/targets", None, {}, [store_key], version=TARGETS_VERSION)
     training = conf.lenses.model_dump(mode="json", include=set(TRAINING_KEYS))
-    translators = Stage.of(root, "lens_translators", None, {**rows.params(), **training}, [store_key, targets.key],
+    translators = Stage.of(root, "lenses/translators", None, {**rows.params(), **training}, [store_key, targets.key],
                            version=TRANSLATOR_VERSION)
-    evaluations = Stage.of(root, "lens_evaluations", None, {"heldout": rows.params()["heldout"]}, [translators.key],
+    evaluations = Stage.of(root, "lenses/evaluations", None, {"heldout": rows.params()["heldout"]}, [translators.key],
                            version=EVALUATION_VERSION)
     return LensStages(targets, translators, evaluations, rows)
 

@@ -120,7 +120,7 @@ def test_killed_run_trains_only_unfinished_layers(ray_session, prefect_harness, 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not _items(root, "lens_translators"):
+    while time.time() < deadline and proc.poll() is None and not _items(root, "lenses/translators"):
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
@@ -129,7 +129,7 @@ def test_killed_run_trains_only_unfinished_layers(ray_session, prefect_harness, 
     while _session_alive(proc.pid) and time.time() < deadline:  # a worker may publish the layer it holds
         time.sleep(0.2)
     assert not _session_alive(proc.pid)
-    finished = {name: p.stat().st_mtime_ns for name, p in _items(root, "lens_translators").items()}
+    finished = {name: p.stat().st_mtime_ns for name, p in _items(root, "lenses/translators").items()}
     assert 1 <= len(finished) < N_LAYERS, finished
 
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -137,14 +137,14 @@ def test_killed_run_trains_only_unfinished_layers(ray_session, prefect_harness, 
     lines = r.stdout.splitlines()
     resumed = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{"):]))  # the CLI's summary
     assert resumed["trained_layers"] == N_LAYERS - len(finished)
-    assert {name: p.stat().st_mtime_ns for name, p in _items(root, "lens_translators").items() if name in finished} \
+    assert {name: p.stat().st_mtime_ns for name, p in _items(root, "lenses/translators").items() if name in finished} \
         == finished  # published layers were found, not rewritten
-    assert len(_items(root, "lens_translators")) == N_LAYERS
+    assert len(_items(root, "lenses/translators")) == N_LAYERS
 
     clean = logit_lens_flow(config="conf/default.yaml", overrides=[*sets, f"store.root={tmp_path / 'clean'}"])
     assert clean["trained_layers"] == N_LAYERS
     assert {k: {int(l): v for l, v in s.items()} for k, s in resumed["per_layer"].items()} == clean["per_layer"]
-    for stage in ("lens_translators", "lens_evaluations"):
+    for stage in ("lenses/translators", "lenses/evaluations"):
         got, want = _items(root, stage), _items(tmp_path / "clean", stage)
         assert got.keys() == want.keys() and all(p.parent.name == want[n].parent.name for n, p in got.items())
         for name in got:

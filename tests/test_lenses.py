@@ -201,9 +201,9 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     assert out["trained_layers"] == 4 and out["train_prompts"] == 9 and out["eval_prompts"] == 3
     assert out["evaluated_layers"] == 5 and out["targets_chunks_computed"] == 3
     layer_items = [f"layer_{l:02d}" for l in range(5)]
-    assert list(_published(root, "lens_translators").values()) == [layer_items[:4]]  # the last layer: identity
-    assert list(_published(root, "lens_evaluations").values()) == [layer_items]
-    assert list(_published(root, "lens_targets").values()) == [["chunk_0000", "chunk_0001", "chunk_0002"]]
+    assert list(_published(root, "lenses/translators").values()) == [layer_items[:4]]  # the last layer: identity
+    assert list(_published(root, "lenses/evaluations").values()) == [layer_items]
+    assert list(_published(root, "lenses/targets").values()) == [["chunk_0000", "chunk_0001", "chunk_0002"]]
     client = MlflowClient(local_uri(tracking_uri))
     run_id = out["run_id"]
 
@@ -257,7 +257,7 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     new_lr = logit_lens_flow(config="conf/default.yaml", overrides=[*overrides, "lenses.lr=1e-2"])
     assert (new_lr["trained_layers"], new_lr["evaluated_layers"], new_lr["targets_chunks_computed"]) == (4, 5, 0)
     assert client.get_run(new_lr["run_id"]).data.metrics["extract.lenses.chunks_computed"] == 0
-    assert len(_published(root, "lens_translators")) == 2 and len(_published(root, "lens_targets")) == 1
+    assert len(_published(root, "lenses/translators")) == 2 and len(_published(root, "lenses/targets")) == 1
     assert new_lr["per_layer"]["logit_lens.kl_to_final"] == pytest.approx(out["per_layer"]["logit_lens.kl_to_final"])
     assert new_lr["per_layer"]["tuned_lens.kl_to_final"][2] != out["per_layer"]["tuned_lens.kl_to_final"][2]
 
