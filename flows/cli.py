@@ -13,11 +13,18 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow's HTTP client retries 7 times with back-off factor 2 and a 120 s timeout: minutes before a dead tracking
+# server is reported. 3 tries at 0, 2 and 4 s (plus jitter) fail a dead server in under 10 s.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 from lensflow.flows import FLOWS, check_inputs  # noqa: E402
 from lensflow.tasks.config import ConfigError, load_config, public_overrides  # noqa: E402
 from lensflow.tasks.preflight import preflight  # noqa: E402
 from lensflow.tasks.redact import redact_tree  # noqa: E402
+from lensflow.tasks.tracking import outage  # noqa: E402
 
 
 def _resolve(target: str):
@@ -26,17 +33,21 @@ def _resolve(target: str):
 
 
 class _NoConfigErrors(logging.Filter):
-    """Prefect logs a failed flow's exception with its traceback; a config error is the user's, and the CLI prints it
-    as one line, so Prefect's copies are dropped."""
+    """Prefect logs a failed flow's exception with its traceback; a config error is the user's and a tracking outage
+    is the server's, and the CLI prints each as one line, so Prefect's copies are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, ConfigError) and "ConfigError" not in record.getMessage()
+        message = record.getMessage()
+        return not (isinstance(exc, ConfigError) or outage(exc) is not None or "ConfigError" in message
+                    or "TrackingUnavailable" in message)
 
 
-def _quiet_config_errors() -> None:
+def _one_line_errors() -> None:
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoConfigErrors())
+    # one warning per MLflow retry (and per heartbeat) while a tracking server is down; the outcome is one line
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "run":
             preflight(conf, lambda c: check_inputs(args.flow, c))
-            _quiet_config_errors()
+            _one_line_errors()
             result = _resolve(FLOWS[args.flow])(config=args.config, overrides=public_overrides(args.overrides))
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
@@ -81,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as err:
         print(f"lensflow: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if (down := outage(err)) is None:
+            raise
+        print(f"lensflow: error: {down}", file=sys.stderr)  # already one redacted line
         return 2
 
 

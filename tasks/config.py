@@ -188,8 +188,10 @@ class FunctionVectorsConf(Section):
     # layer sweep's layers (every layer_sweep_stride-th; every layer when the stride is 0)
     scale: float = 1.0  # multiplier on the vector when added
     layer_sweep_stride: int = Field(default=3, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
-    transfer_source: str | None = "antonym"  # ICL task whose vector is added to the transfer targets' zero-shot prompts
-    transfer_targets: list[str] = ["antonym_french", "antonym_spanish"]
+    # directed pairs "<source>-><target>" of ICL tasks: the source's vector added to the target's zero-shot test
+    # prompts, beside the target's own vector; a source or target not in icl_tasks is swept for its head means only.
+    # Default: both directions of ICL tasks that SmolLM2-135M solves at 10 shots in two languages
+    transfer: list[str] = ["number_word->number_word_french", "number_word_french->number_word"]
     pack_tokens: int = Field(default=1024, gt=0)  # most query tokens packed into one shared-prefix forward pass
 
     @field_validator("layer", mode="before")
@@ -213,6 +215,21 @@ class FunctionVectorsConf(Section):
         if "{output}" not in v:
             raise ValueError("template must contain {output}")
         return v
+
+    @field_validator("transfer")
+    @classmethod
+    def _directed_pairs(cls, v: list[str]) -> list[str]:
+        pairs = []
+        for s in v:
+            ends = [e.strip() for e in s.split("->")]
+            if len(ends) != 2 or not all(ends) or ends[0] == ends[1]:
+                raise ValueError(f"expected '<source ICL task>-><target ICL task>' of two ICL tasks, got {s!r}")
+            pairs.append("->".join(ends))
+        return list(dict.fromkeys(pairs))
+
+    def transfer_pairs(self) -> list[tuple[str, str]]:
+        """(source, target) ICL task names of each directed transfer."""
+        return [tuple(p.split("->")) for p in self.transfer]
 
 
 class LensesConf(Section):

@@ -4,9 +4,11 @@ would fail on these fails in seconds, in one line naming the key or file, having
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +54,14 @@ def check_tracking(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         _writable_ancestor(Path(uri.removeprefix("sqlite:///")).parent, "tracking.uri")
     elif uri.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(uri)
+        request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+                                         + "/health")  # urllib takes no user:password@ in a URL; MLflow sends it
+        if parts.username is not None:
+            token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_TIMEOUT_S) as r:
+            with urllib.request.urlopen(request, timeout=TRACKING_TIMEOUT_S) as r:
                 r.read()
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)

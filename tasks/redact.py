@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 _USERINFO = re.compile(r"(?<=://)([^/@:\s]+):([^/@\s]+)@")  # scheme://user:password@host
-_QUERY = re.compile(r"([?&][^=&\s#]+)=([^&\s#]+)")  # ?X-Amz-Signature=..., &token=...
+_QUERY = re.compile(r"([?&][^=&\s#]+)=([^&\s#'\"]+)")  # ?X-Amz-Signature=..., &token=... (up to a closing quote)
 MASK = "***"
 
 

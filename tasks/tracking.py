@@ -4,13 +4,19 @@ The driver creates the database, the experiment and the run; workers receive a p
 through MlflowClient (no fluent global state), because concurrent `set_experiment` calls and concurrent
 sqlite schema creation are measured to misfile or fail. Metrics go in batches (log_batch is ~50x faster
 than one call per metric); per-layer metrics use step = layer so MLflow draws the curve itself.
+
+A flow's run is tagged alive every tracking.heartbeat_s; a run whose process died (kill -9, lost node) is closed as
+KILLED by the next flow of the experiment that finds it stale. A server that stops answering surfaces as one
+TrackingUnavailable (redacted, one line): stage outputs are in the store, so rerunning the command loses nothing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,13 +25,77 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from lensflow.tasks.config import Config
+from lensflow.tasks.config import Config, ConfigError, TrackingConf
 from lensflow.tasks.redact import redact
 
 _BATCH = 900  # log_batch accepts up to 1000 metrics per call
+HEARTBEAT = "lensflow.heartbeat"  # unix seconds of the run's last sign of life
+HEARTBEAT_S = "lensflow.heartbeat_s"  # the run's own heartbeat period
+CLOSED_BY = "lensflow.closed_by"  # on a stale run: which run closed it, and why
+# MLflow prints "View run ... at: <tracking URI>" on every set_terminated, credentials included; flow_run prints the
+# link itself, redacted. Read at each call, so this holds for Ray workers and Prefect deployments too.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server stopped answering (after MLflow's bounded retries). The message is one redacted line:
+    MLflow's own names the URL, credentials included."""
+
+
+def unreachable(exc: MlflowException) -> str | None:
+    """Why the server did not answer (refused, timed out, kept failing), or None when it answered with an error."""
+    cause = exc.__cause__ or exc.__context__
+    if not isinstance(cause, requests.RequestException) or isinstance(cause, requests.exceptions.InvalidURL):
+        return None
+    text = str(cause)
+    if m := re.search(r"\[Errno -?\d+\][^'\")]*", text):
+        return m.group(0).strip()
+    if isinstance(cause, requests.Timeout):
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+    if m := re.search(r"too many \d+ error responses", text):
+        return m.group(0)
+    return type(cause).__name__
+
+
+def outage(exc: BaseException | None) -> TrackingUnavailable | None:
+    """The TrackingUnavailable behind exc, if any (through exception chains and Ray's task errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TrackingUnavailable):
+            return getattr(exc, "cause", None) or exc  # a Ray task error's cause is the worker's exception
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _Client:
+    """MlflowClient whose calls fail with TrackingUnavailable when the server does not answer."""
+
+    def __init__(self, uri: str):
+        self._uri, self._client = uri, MlflowClient(uri)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except MlflowException as exc:
+                reason = unreachable(exc)
+                if reason is None:
+                    raise
+                raise TrackingUnavailable(
+                    f"tracking.uri {redact(self._uri)}: the MLflow server stopped answering ({reason}); rerun the "
+                    "same command: finished stages are kept under store.root") from None
+
+        return call
 
 
 @dataclass(frozen=True)
@@ -36,7 +106,7 @@ class RunRef:
 
     @property
     def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
+        return _Client(self.tracking_uri)  # type: ignore[return-value]  # MlflowClient's methods, guarded
 
 
 def local_uri(uri: str) -> str:
@@ -57,7 +127,7 @@ def _git_commit() -> str:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    client = MlflowClient(uri)
+    client = _Client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -66,7 +136,7 @@ def experiment_id(uri: str, name: str) -> str:
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifacts)
-    except mlflow.exceptions.MlflowException:  # a concurrent run created it first
+    except MlflowException:  # a concurrent run created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
@@ -75,12 +145,14 @@ def experiment_id(uri: str, name: str) -> str:
 
 @contextmanager
 def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
-    """One MLflow run per flow run: resolved config as params, git commit and flow as tags."""
+    """One MLflow run per flow run: resolved config as params, git commit and flow as tags; stale runs of the
+    experiment closed first, a heartbeat tag while the block runs."""
     uri = local_uri(conf.tracking.uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = _Client(uri)
     exp = experiment_id(uri, conf.tracking.experiment)
-    tags = {"flow": flow, "mlflow.source.git.commit": _git_commit(), "model.name": conf.model.name}
+    tags = {"flow": flow, "mlflow.source.git.commit": _git_commit(), "model.name": conf.model.name,
+            HEARTBEAT: f"{time.time():.0f}", HEARTBEAT_S: f"{conf.tracking.heartbeat_s:g}"}
     try:
         from prefect.runtime import flow_run as prefect_run
 
@@ -90,21 +162,85 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
         pass
     run = client.create_run(exp, run_name=f"{flow}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     ref = RunRef(uri, exp, run.info.run_id)
+    for stale in close_stale(ref, conf.tracking):
+        print(f"MLflow run {stale} closed as KILLED: no heartbeat for over tracking.stale_after_s="
+              f"{conf.tracking.stale_after_s:g} s (its process died)")
     params = [Param(k, redact(str(v))[:6000]) for k, v in conf.flat().items()]
     for i in range(0, len(params), 100):
         client.log_batch(ref.run_id, params=params[i : i + 100])
-    print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {redact(uri)}")
-    with _terminated(ref):
+    where = redact(uri)
+    if uri.startswith("http"):  # the run's page
+        where = f"{where.rstrip('/')}/#/experiments/{exp}/runs/{ref.run_id}"
+    print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {where}")
+    with _terminated(ref), _heartbeat(ref, conf.tracking.heartbeat_s):
         yield ref
+
+
+def close_stale(ref: RunRef, tc: TrackingConf) -> list[str]:
+    """Close the experiment's RUNNING runs that show no sign of life: no heartbeat (else no start) for
+    tc.stale_after_s and for 3 of their own heartbeat periods. A nested run lives as long as its parent does, so a
+    long per-layer job under a live flow is never closed. Returns the closed runs' ids."""
+    client = ref.client
+    running = {r.info.run_id: r for r in client.search_runs([ref.experiment_id], "attributes.status = 'RUNNING'",
+                                                            max_results=1000)}
+
+    def alive_at(run) -> float:
+        tags = run.data.tags
+        own = float(tags.get(HEARTBEAT, 0)) or run.info.start_time / 1000
+        parent = running.get(tags.get("mlflow.parentRunId", ""))
+        return max(own, alive_at(parent)) if parent is not None and parent is not run else own
+
+    def period(run) -> float:
+        parent = running.get(run.data.tags.get("mlflow.parentRunId", ""))
+        return float(run.data.tags.get(HEARTBEAT_S) or (parent.data.tags.get(HEARTBEAT_S, 0) if parent else 0))
+
+    now, closed = time.time(), []
+    for run_id, run in running.items():
+        silent = now - alive_at(run)
+        if run_id == ref.run_id or silent <= max(tc.stale_after_s, 3 * period(run)):
+            continue
+        try:
+            client.set_tag(run_id, CLOSED_BY, f"run {ref.run_id}: no heartbeat for {silent:.0f} s "
+                                              f"(tracking.stale_after_s={tc.stale_after_s:g}); its process died")
+            client.set_terminated(run_id, "KILLED", end_time=int(alive_at(run) * 1000))
+            closed.append(run_id)
+        except MlflowException:  # deleted or closed by another run meanwhile
+            continue
+    return closed
+
+
+@contextmanager
+def _heartbeat(ref: RunRef, period_s: float) -> Iterator[None]:
+    """Tag the run alive every period_s from a daemon thread, so a run whose process dies is recognisably stale."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        client = ref.client
+        while not stop.wait(period_s):
+            try:
+                client.set_tag(ref.run_id, HEARTBEAT, f"{time.time():.0f}")
+            except Exception:  # an outage shows on the flow's own next call, in one line; a beat never fails a run
+                pass
+
+    threading.Thread(target=beat, name=f"mlflow-heartbeat-{ref.run_id[:8]}", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @contextmanager
 def _terminated(ref: RunRef) -> Iterator[None]:
-    """FINISHED when the block completes, FAILED (and re-raised) when it does not."""
+    """FINISHED when the block completes, FAILED (KILLED on Ctrl-C) and re-raised when it does not. With the server
+    gone the run stays RUNNING and the original error goes on; a later run closes it as stale."""
     try:
         yield
-    except BaseException:
-        ref.client.set_terminated(ref.run_id, "FAILED")
+    except BaseException as exc:
+        if outage(exc) is None:  # a server known to be gone is not asked again (that would cost its retries twice)
+            try:
+                ref.client.set_terminated(ref.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            except TrackingUnavailable:
+                pass
         raise
     ref.client.set_terminated(ref.run_id, "FINISHED")
 
@@ -189,11 +325,37 @@ def finished_runs(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]
                                                             order_by=["attributes.start_time DESC"], max_results=max_results)
 
 
-def latest_run(tracking_uri: str, experiment: str, flow: str) -> str | None:
-    """The newest finished run of a flow: the default source of trained artifacts for `lensflow lens`."""
+def latest_run(tracking_uri: str, experiment: str, flow: str, model_name: str | None = None) -> str | None:
+    """The newest finished run of a flow (of this model, when given): the default source of trained artifacts for
+    `lensflow lens`."""
     exp = MlflowClient(local_uri(tracking_uri)).get_experiment_by_name(experiment)
-    runs = finished_runs(tracking_uri, exp.experiment_id, {"flow": flow}, max_results=1) if exp else []
+    tags = {"flow": flow, **({"model.name": model_name} if model_name else {})}
+    runs = finished_runs(tracking_uri, exp.experiment_id, tags, max_results=1) if exp else []
     return runs[0].info.run_id if runs else None
+
+
+def check_reusable(tracking_uri: str, run_id: str, model_name: str, weights_hash: str | None = None,
+                   settings: Mapping[str, object] | None = None) -> None:
+    """Reuse (`--run-id`, artifacts of an earlier run) accepts only a FINISHED run of this model, with these
+    weights and settings (MLflow params, compared as logged) when given: a killed run's artifacts may be partial,
+    and another model's soft prompts or translators decode nonsense. Raises ConfigError saying why."""
+    try:
+        run = _Client(local_uri(tracking_uri)).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ConfigError(f"MLflow run {run_id}: not found at tracking.uri {redact(tracking_uri)}") from None
+    status, tags, params = run.info.status, run.data.tags, run.data.params
+    if status != "FINISHED":
+        raise ConfigError(f"MLflow run {run_id} is {status}, not FINISHED: what it logged may be partial")
+    if tags.get("model.name") != model_name:
+        raise ConfigError(f"MLflow run {run_id} is of model {tags.get('model.name')!r}, not model.name {model_name!r}")
+    if weights_hash is not None and tags.get("model.weights_hash") != weights_hash:
+        raise ConfigError(f"MLflow run {run_id} is of other weights of {model_name} (model.weights_hash "
+                          f"{tags.get('model.weights_hash')}, this model's is {weights_hash})")
+    for key, value in (settings or {}).items():
+        if params.get(key) != str(value):
+            raise ConfigError(f"MLflow run {run_id} has {key}={params.get(key)}, not {value}")
 
 
 @contextmanager

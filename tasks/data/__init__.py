@@ -8,6 +8,7 @@ import re
 from functools import lru_cache
 
 from lensflow.tasks.config import ConfigError, DataConf
+from lensflow.tasks.redact import redact
 
 
 @lru_cache(maxsize=1)
@@ -34,11 +35,25 @@ def builtin_texts(n: int | None = None, seed: int = 0) -> list[str]:
 
 
 def _read_file(path: str, field: str) -> list[str]:
+    """A local path or an fsspec URL (http(s)://, s3://, ...); every way it can fail is one line naming the file
+    (redacted: a URL may carry a token in its query)."""
     import fsspec
 
-    with fsspec.open(path, "rt", encoding="utf-8") as f:
-        raw = f.read()
-    if path.endswith(".jsonl"):
+    name = f"data.prompts_file {redact(path)}"
+    try:
+        with fsspec.open(path, "rb") as f:
+            raw = f.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save it as UTF-8") from None
+    except ImportError as exc:  # e.g. http(s):// needs aiohttp, s3:// needs s3fs
+        raise ConfigError(f"{name}: cannot open this kind of URL ({exc})") from None
+    except Exception as exc:  # permissions, HTTP errors, unreachable hosts: each filesystem raises its own types
+        root = _root_cause(exc)
+        if isinstance(root, FileNotFoundError):
+            raise ConfigError(f"{name}: not found") from None
+        raise ConfigError(f"{name}: cannot be read ({type(root).__name__}: {redact(_first_line(root))})") from None
+    if path.split("?", 1)[0].endswith(".jsonl"):
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -46,10 +61,22 @@ def _read_file(path: str, field: str) -> list[str]:
             try:
                 texts.append(json.loads(line)[field])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"data.prompts_file {path}: line {i} is not a JSON object with a '{field}' field") from None
+                raise ConfigError(f"{name}: line {i} is not a JSON object with a '{field}' field") from None
     else:
         texts = raw.splitlines()
     return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """fsspec's http reports a refused connection as FileNotFoundError; the reason is at the chain's end."""
+    while (nxt := exc.__cause__ or exc.__context__) is not None and nxt is not exc:
+        exc = nxt
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _read_hf(conf: DataConf) -> list[str]:
@@ -72,7 +99,7 @@ def _read_hf(conf: DataConf) -> list[str]:
 def load_prompts(conf: DataConf) -> list[str]:
     """The prompts a flow works on, capped at data.max_prompts; an empty source is an error, not an empty run."""
     if conf.prompts_file:
-        texts, source = _read_file(conf.prompts_file, conf.text_field), f"data.prompts_file {conf.prompts_file}"
+        texts, source = _read_file(conf.prompts_file, conf.text_field), f"data.prompts_file {redact(conf.prompts_file)}"
     elif conf.hf_dataset:
         texts, source = _read_hf(conf), f"data.hf_dataset {conf.hf_dataset}"
     else:
