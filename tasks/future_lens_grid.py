@@ -32,15 +32,17 @@ def render_grid(conf: Config, prompt: str, run_id: str | None = None, out_dir: s
     probability of its first token. Soft prompts come from run_id, else the latest finished future-lens run
     of the experiment. PNG + HTML are written locally and logged to that run under grids/."""
     uri = conf.tracking.uri
-    run_id = run_id or tracking.latest_run(uri, conf.tracking.experiment, "future-lens")
+    run_id = run_id or tracking.latest_run(uri, conf.tracking.experiment, "future-lens", conf.model.name)
     if not run_id:
-        raise ConfigError(f"no finished future-lens run in experiment '{conf.tracking.experiment}'; "
-                          "run `lensflow run future-lens` first or pass --run-id")
+        raise ConfigError(f"no finished future-lens run of {conf.model.name} in experiment "
+                          f"'{conf.tracking.experiment}'; run `lensflow run future-lens` first or pass --run-id")
+    tracking.check_reusable(uri, run_id, conf.model.name)
     layers = _soft_prompt_layers(uri, run_id)
     if not layers:
         raise ConfigError(f"run {run_id} has no soft prompts (artifacts {SOFT_PROMPTS}/layer_XX.safetensors)")
     prepare(conf.model)
     lm = load_model(conf.model)
+    tracking.check_reusable(uri, run_id, conf.model.name, lm.weights_hash)  # same name, other weights: refused
     enc = lm.encode([prompt])
     ids = enc["input_ids"][0]
     with trace(lm, reads=[Read("resid", l) for l in layers]) as t:

@@ -157,15 +157,18 @@ def render_grid(conf: Config, prompt: str, lens: str = "logit", run_id: str | No
     if lens not in LENSES:
         raise ConfigError(f"--lens {lens}: expected one of {', '.join(LENSES)}")
     uri = conf.tracking.uri
-    run_id = run_id or tracking.latest_run(uri, conf.tracking.experiment, FLOW)
+    run_id = run_id or tracking.latest_run(uri, conf.tracking.experiment, FLOW, conf.model.name)
     translators = None
     if lens == "tuned":
         if not run_id:
-            raise ConfigError(f"no finished {FLOW} run in experiment '{conf.tracking.experiment}'; "
-                              f"run `lensflow run {FLOW}` first or pass --run-id")
+            raise ConfigError(f"no finished {FLOW} run of {conf.model.name} in experiment "
+                              f"'{conf.tracking.experiment}'; run `lensflow run {FLOW}` first or pass --run-id")
+        tracking.check_reusable(uri, run_id, conf.model.name)
         translators = load_translators(uri, run_id)
     prepare(conf.model)
     lm = load_model(conf.model)
+    if translators is not None:  # same name, other weights: refused
+        tracking.check_reusable(uri, run_id, conf.model.name, lm.weights_hash)
     source = f", translators of run {run_id[:8]}" if translators is not None else ""
     fig, page = _grid(Readout.from_lm(lm), prompt_states(lm, prompt, conf.data.max_tokens), translators,
                       f"{lens} lens: {prompt!r} ({conf.model.name}{source})")
