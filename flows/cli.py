@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conf = load_config(args.config, args.overrides)  # validate before anything starts
         if args.cmd == "config":
-            print(json.dumps(conf.model_dump(mode="json"), indent=2))
+            print(json.dumps(redact_tree(conf.model_dump(mode="json")), indent=2))
             return 0
         if args.cmd == "run":
             preflight(conf, lambda c: check_inputs(args.flow, c))
