@@ -6,7 +6,8 @@
      heads' mean outputs through the attention output projection;
   3. layer=auto: the resid layer where the vector works best on the ICL tasks' VALIDATION queries;
   4. per ICL task, on the test queries: accuracy with / without the vector at that layer (zero-shot, shuffled
-     labels, natural-text templates) and a layer sweep; the transfer source's vector on other ICL tasks.
+     labels, natural-text templates) and a layer sweep;
+  5. per directed transfer source->target: the target's zero-shot accuracy with its own and with the source's vector.
 Every stage item is found again under store.root: a rerun computes nothing, a new top_k only re-evaluates.
 """
 
@@ -39,14 +40,13 @@ def function_vectors_flow(config: str = "conf/default.yaml", overrides: list[str
         info = pool.describe()
         tracking.tag_model(run, info)
         plan = fv_choices.plan(fc, info)  # top_k and layer checked against the model before any work
-        sweeps = sweep_icl_tasks(conf, icl.selected, pool)
-        heads = fv_choices.top_heads(sweeps.aie, plan.top_k)
+        sweeps = sweep_icl_tasks(conf, icl.swept, pool)  # ICL tasks only a transfer names: head means only
+        heads = fv_choices.top_heads(sweeps.only(icl.names).aie, plan.top_k)
         curves = validation_layer_sweeps(conf, icl.selected, sweeps, heads, plan.candidate_layers, pool) \
             if plan.layer is None else []
         choice = fv_choices.choose_layer(plan, curves, info.n_layers)
         evals = evaluate_icl_tasks(conf, icl.selected, sweeps, heads, choice.layer, plan.sweep_layers, pool)
-        transfers = evaluate_transfers(conf, fv_choices.transfer_jobs(fc, icl.targets, sweeps, heads, choice.layer),
-                                       pool)
+        transfers = evaluate_transfers(conf, fv_choices.transfer_jobs(fc, icl, sweeps, heads, choice.layer), pool)
         result = fv_report.FvRun(info.name, sweeps, heads, choice, curves, evals, transfers, plan.sweep_layers)
         summary = fv_report.log_run(run, result, time.perf_counter() - t0)
     print(fv_report.table(evals, transfers))

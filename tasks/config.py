@@ -190,8 +190,11 @@ class FunctionVectorsConf(Section):
     layer_sweep_stride: int = Field(default=3, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
     # directed pairs "<source>-><target>" of ICL tasks: the source's vector added to the target's zero-shot test
     # prompts, beside the target's own vector; a source or target not in icl_tasks is swept for its head means only.
-    # Default: both directions of ICL tasks that SmolLM2-135M solves at 10 shots in two languages
-    transfer: list[str] = ["number_word->number_word_french", "number_word_french->number_word"]
+    # Default: both directions of the only same-task pairs SmolLM2-135M solves at 10 shots in two languages
+    # (capitalizing English, French and Spanish words; the candidates measured: tasks/data/icl/README.md)
+    transfer: list[str] = ["capitalize->capitalize_french", "capitalize_french->capitalize",
+                           "capitalize->capitalize_spanish", "capitalize_spanish->capitalize",
+                           "capitalize_french->capitalize_spanish", "capitalize_spanish->capitalize_french"]
     pack_tokens: int = Field(default=1024, gt=0)  # most query tokens packed into one shared-prefix forward pass
 
     @field_validator("layer", mode="before")

@@ -13,8 +13,8 @@ import torch
 
 from lensflow.tasks.config import ConfigError, FunctionVectorsConf
 from lensflow.tasks.function_vectors import Head
-from lensflow.tasks.fv_eval import LayerCurve, VectorJob, nanmean
-from lensflow.tasks.fv_sweep import IclTaskJob, Sweeps
+from lensflow.tasks.fv_eval import LayerCurve, TransferJob, VectorJob, nanmean
+from lensflow.tasks.fv_sweep import IclTasks, Sweeps
 from lensflow.tasks.models import ModelInfo
 
 
@@ -76,12 +76,10 @@ def choose_layer(p: FvPlan, curves: list[LayerCurve], n_layers: int) -> LayerCho
     return LayerChoice(min(layer for layer, v in scored.items() if v == best), "auto", curve)
 
 
-def transfer_jobs(fc: FunctionVectorsConf, targets: list[IclTaskJob], sweeps: Sweeps, heads: list[Head],
-                  layer: int) -> list[VectorJob]:
-    """The source ICL task's vector on each target's queries; none when the source was not swept."""
-    source = fc.transfer_source
-    if source is None or source not in sweeps:
-        if source is not None:
-            print(f"transfer skipped: source ICL task '{source}' is not among the selected ICL tasks")
-        return []
-    return [VectorJob.of(t, sweeps[source], heads, layer) for t in targets]
+def transfer_jobs(fc: FunctionVectorsConf, icl: IclTasks, sweeps: Sweeps, heads: list[Head],
+                  layer: int) -> list[TransferJob]:
+    """Each directed transfer of `function_vectors.transfer`: the source's and the target's vectors from the same
+    heads at the same layer (sweeps must hold both ICL tasks)."""
+    return [TransferJob(source, sweeps[source].head_means(heads), sweeps[source].key,
+                        VectorJob.of(icl[target], sweeps[target], heads, layer))
+            for source, target in fc.transfer_pairs()]

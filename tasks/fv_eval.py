@@ -1,15 +1,16 @@
 """What a function vector does on an ICL task's held-out queries: the evaluation on test queries, the zero-shot
 layer sweep on validation queries that `function_vectors.layer=auto` chooses from (never on test queries), and the
-transfer of one ICL task's vector to another's queries.
+transfer of one ICL task's vector to another's queries (e.g. capitalizing English words -> French words).
 
-Each is a per-ICL-task stage item keyed by the sweep its head means come from, the chosen heads, the layer(s) and
-the settings and held-out pairs it reads: changing `top_k` recomputes these, never the sweeps.
+Each is a stage item (per ICL task, or per directed transfer) keyed by the sweep(s) its head means come from, the
+chosen heads, the layer(s) and the settings and held-out pairs it reads: changing `top_k` recomputes these, never
+the sweeps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,11 +19,11 @@ from lensflow.tasks.config import Config
 from lensflow.tasks.function_vectors import Head, add_vector_edits, function_vector, last_token_logits, tokenize
 from lensflow.tasks.fv_sweep import IclTaskJob, IclTaskSweep, StageWork, Sweeps, find_or_compute, prompt_rng, \
     template
-from lensflow.tasks.icl import Pair, answer_token, demonstrations, pairs_digest
+from lensflow.tasks.icl import Pair, Template, demonstrations, pairs_digest, scored_prompt
 from lensflow.tasks.models import LM
 from lensflow.tasks.stages import Item, ModelId, Stage
 
-EVAL_VERSION = 1  # of the evaluation code's numbers for the same inputs; part of every evaluation stage key
+EVAL_VERSION = 2  # of the evaluation code's numbers for the same inputs; part of every evaluation stage key
 KINDS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv")
 
 
@@ -65,14 +66,19 @@ def _demo_groups(job: IclTaskJob, queries: list[Pair], shuffle_labels: bool,
     return groups
 
 
+def _scored(lm: LM, prompts: list[str], queries: list[Pair], tpl: Template) -> tuple[list[str], list[int]]:
+    """The prompts as scored (ending with the answer's leading whitespace token, if any) and their answer tokens."""
+    scored = [scored_prompt(lm.tokenizer, p, tpl.continuation(y)) for p, (_, y) in zip(prompts, queries)]
+    return [t for t, _ in scored], [a for _, a in scored]
+
+
 def _icl_accuracy(lm: LM, job: IclTaskJob, queries: list[Pair], shuffle_labels: bool, purpose: str,
                   fv: torch.Tensor | None = None, layer: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     tpl = template(job.conf)
     plain = np.zeros(len(queries), bool)
     with_fv = np.zeros(len(queries), bool) if fv is not None else None
     for demos, idx in _demo_groups(job, queries, shuffle_labels, purpose):
-        texts = [tpl.prompt(demos, queries[i][0]) for i in idx]
-        answers = [answer_token(lm.tokenizer, t, tpl.continuation(queries[i][1])) for t, i in zip(texts, idx)]
+        texts, answers = _scored(lm, [tpl.prompt(demos, queries[i][0]) for i in idx], [queries[i] for i in idx], tpl)
         a, b = _accuracy(lm, texts, answers, job, fv, layer)
         plain[idx] = a
         if with_fv is not None:
@@ -82,9 +88,7 @@ def _icl_accuracy(lm: LM, job: IclTaskJob, queries: list[Pair], shuffle_labels: 
 
 def _zero_shot(lm: LM, job: IclTaskJob, queries: list[Pair], fmt: str, fv: torch.Tensor | None, layer: int,
                plain: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
-    tpl = template(job.conf)
-    texts = [fmt.format(input=x) for x, _ in queries]
-    answers = [answer_token(lm.tokenizer, t, tpl.continuation(y)) for t, (_, y) in zip(texts, queries)]
+    texts, answers = _scored(lm, [fmt.format(input=x) for x, _ in queries], queries, template(job.conf))
     return _accuracy(lm, texts, answers, job, fv, layer, plain)
 
 
@@ -161,12 +165,41 @@ class LayerCurve:
 
 
 @dataclass(frozen=True)
+class TransferJob:
+    """The source ICL task's vector on the target's test queries, beside the target's own vector."""
+
+    source: str
+    source_means: torch.Tensor  # [k, head_dim] the source's mean outputs of the chosen heads
+    source_key: str  # the source's sweep key
+    own: VectorJob  # the target ICL task with its own vector
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}->{self.own.task.name}"
+
+
+@dataclass(frozen=True)
 class TransferResult:
+    """Accuracies on the target's test queries: icl over the first n_test; the zero-shot ones over the n_eval kept
+    (solved at n_shots, with filter_correct), without a vector, with the target's own and with the source's."""
+
+    source: str
     target: str
+    icl: float
     zero_shot: float
+    zero_shot_own_fv: float
     zero_shot_fv: float
-    n: int
+    n_eval: int
     computed: bool
+
+    @property
+    def metric_name(self) -> str:
+        """'>' is not allowed in MLflow metric names: fv.transfer.<source>__to__<target>.*"""
+        return f"{self.source}__to__{self.target}"
+
+    def metrics(self) -> dict[str, float]:
+        return {"icl.acc": self.icl, "zero_shot.acc": self.zero_shot, "zero_shot_own_fv.acc": self.zero_shot_own_fv,
+                "zero_shot_fv.acc": self.zero_shot_fv, "n_eval": float(self.n_eval)}
 
 
 def compute_eval(lm: LM, job: VectorJob) -> Item:
@@ -197,20 +230,28 @@ def compute_validation(lm: LM, job: VectorJob) -> Item:
     return Item({}, {"layer_sweep": curve, "n": len(kept)})
 
 
-def compute_transfer(lm: LM, job: VectorJob) -> Item:
-    """The source ICL task's vector added to the target's zero-shot test prompts: how often the first answer
-    token is the target's answer (e.g. the antonym in another language)."""
-    conf = job.task.conf
-    plain, with_fv = _zero_shot(lm, job.task, job.task.split.test[: conf.n_test], conf.query_template,
-                                job.vector(lm), job.layer)
-    return Item({}, {"zero_shot": _mean(plain), "zero_shot_fv": _mean(with_fv), "n": len(plain)})
+def compute_transfer(lm: LM, job: TransferJob) -> Item:
+    """On the target's test queries solved at n_shots (the evaluation's demonstrations): zero-shot accuracy with
+    no vector, with the target's own vector and with the source's (how often the first answer token is the
+    target's answer, e.g. a capitalized French word from the vector of capitalizing English words)."""
+    own = job.own
+    task, conf = own.task, own.task.conf
+    icl, kept = _solved(lm, task, task.split.test[: conf.n_test], "test_clean")
+    acc = {"zero_shot": float("nan"), "zero_shot_own_fv": float("nan"), "zero_shot_fv": float("nan")}
+    if kept:
+        source = replace(own, head_means=job.source_means).vector(lm)
+        plain, with_own = _zero_shot(lm, task, kept, conf.query_template, own.vector(lm), own.layer)
+        _, with_source = _zero_shot(lm, task, kept, conf.query_template, source, own.layer, plain=False)
+        acc = {"zero_shot": _mean(plain), "zero_shot_own_fv": _mean(with_own), "zero_shot_fv": _mean(with_source)}
+    return Item({}, {"icl": _mean(icl), "n_eval": len(kept), **acc})
 
 
-def _vector_stage(root: str, model: ModelId, name: str, job: VectorJob, reads: dict) -> Stage:
-    """Keyed by the sweep the head means come from, the heads, the layer(s), the scale and what the stage reads."""
+def _vector_stage(root: str, model: ModelId, name: str, job: VectorJob, reads: dict,
+                  more_inputs: list[str] = ()) -> Stage:
+    """Keyed by the sweep(s) the head means come from, the heads, the layer(s), the scale and what the stage reads."""
     params = {"icl_task": job.task.name, "heads": [list(h) for h in job.heads], "scale": job.task.conf.scale,
               "layer": job.layer, "sweep_layers": job.sweep_layers, **reads}
-    return Stage.of(root, name, model, params, inputs=[job.sweep_key], version=EVAL_VERSION)
+    return Stage.of(root, name, model, params, inputs=[job.sweep_key, *more_inputs], version=EVAL_VERSION)
 
 
 def _held_out(pairs: list[Pair], n: int, job: IclTaskJob) -> dict:
@@ -248,11 +289,15 @@ def validation_layer_sweeps(conf: Config, jobs: list[IclTaskJob], sweeps: Sweeps
     return [LayerCurve(j.name, _curve(item), item.meta["n"], computed) for j, (item, computed) in zip(jobs, found)]
 
 
-def evaluate_transfers(conf: Config, jobs: list[VectorJob], pool) -> list[TransferResult]:
-    """Each transfer job's target accuracy with and without the source ICL task's vector."""
-    reads = [{"pairs": pairs_digest(j.task.split.test[: conf.function_vectors.n_test])} for j in jobs]
-    found = _run(conf, pool, "fv_transfer", compute_transfer, jobs, reads, "FV transfer")
-    return [TransferResult(j.task.name, item.meta["zero_shot"], item.meta["zero_shot_fv"], item.meta["n"], computed)
+def evaluate_transfers(conf: Config, jobs: list[TransferJob], pool) -> list[TransferResult]:
+    """Each directed transfer's target accuracies: n_shots, zero-shot, + own vector, + the source's vector."""
+    model, work = pool.describe().id, []
+    for j in jobs:
+        reads = {**_held_out(j.own.task.split.test, conf.function_vectors.n_test, j.own.task), "source": j.source}
+        stage = _vector_stage(conf.store.root, model, "fv_transfer", j.own, reads, [j.source_key])
+        work.append(StageWork(stage, j.name.replace("->", "__to__"), compute_transfer, j))
+    found = pool.map(find_or_compute, work, desc="FV transfer") if work else []
+    return [TransferResult(j.source, j.own.task.name, computed=computed, **item.meta)
             for j, (item, computed) in zip(jobs, found)]
 
 

@@ -28,9 +28,16 @@ def table(evals: list[IclTaskEval], transfers: list[TransferResult]) -> str:
     for name, a in [*((e.name, e.acc) for e in evals), ("**mean**", mean_accuracies(evals))]:
         cells = " | ".join(f"{getattr(a, k):.2f}" for k in KINDS)
         rows.append(f"| {name} | {a.icl:.2f} | {a.n_eval:.0f} | {cells} |")
-    if transfers:
-        rows += ["", "| transfer target | zero-shot | +FV | n |", "|---|---|---|---|"]
-        rows += [f"| {t.target} | {t.zero_shot:.2f} | {t.zero_shot_fv:.2f} | {t.n:.0f} |" for t in transfers]
+    return "\n".join(rows) + "\n" + (f"\n{transfer_table(transfers)}" if transfers else "")
+
+
+def transfer_table(transfers: list[TransferResult]) -> str:
+    """Per directed transfer, on the target's test queries: its n-shot accuracy, then zero-shot accuracy (on the n
+    queries kept) with no vector, with the target's own vector (the reference) and with the source's."""
+    rows = ["| source -> target | target icl | n | zero-shot | + target's FV | + source's FV |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {t.source} -> {t.target} | {t.icl:.2f} | {t.n_eval} | {t.zero_shot:.2f} | {t.zero_shot_own_fv:.2f} "
+             f"| {t.zero_shot_fv:.2f} |" for t in transfers]
     return "\n".join(rows) + "\n"
 
 
@@ -39,13 +46,17 @@ class FvRun:
     """Everything one function-vectors run found or computed, as the flow hands it to the log."""
 
     model: str
-    sweeps: Sweeps
+    sweeps: Sweeps  # every swept ICL task: the evaluated ones, then those only a transfer names
     heads: list[Head]
     choice: LayerChoice
     curves: list[LayerCurve]  # validation layer sweeps (empty for a configured layer)
     evals: list[IclTaskEval]
     transfers: list[TransferResult]
     sweep_layers: list[int]
+
+    def heads_sweeps(self) -> Sweeps:
+        """The evaluated ICL tasks' sweeps, whose average indirect effect chose the heads."""
+        return self.sweeps.only([e.name for e in self.evals])
 
     def computed(self) -> dict[str, int]:
         """Stage items this run computed (the rest were found under store.root)."""
@@ -55,17 +66,15 @@ class FvRun:
 
 def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     """Log the run to MLflow; returns the flow's summary."""
-    n_tasks, n_layers = len(r.evals), r.sweeps.aie.shape[0]
+    n_tasks, n_swept, n_layers = len(r.evals), len(r.sweeps.icl_tasks), r.sweeps.aie.shape[0]
     _log_heads(run, r)
     means = {k: v for k, v in mean_accuracies(r.evals).metrics().items() if k != "n_eval"}
     metrics = {f"fv.{e.name}.{m}": v for e in r.evals for m, v in e.acc.metrics().items()}
     metrics |= {f"fv.mean.{m}": v for m, v in means.items()}
-    for t in r.transfers:
-        metrics |= {f"fv.transfer.{t.target}.zero_shot.acc": t.zero_shot,
-                    f"fv.transfer.{t.target}.zero_shot_fv.acc": t.zero_shot_fv}
+    metrics |= {f"fv.transfer.{t.metric_name}.{m}": v for t in r.transfers for m, v in t.metrics().items()}
     computed = r.computed()
     metrics |= {"fv.layer": r.choice.layer, "fv.top_k": len(r.heads), "fv.tasks": n_tasks, "fv.wall_s": wall_s,
-                "fv.sweeps_cached": n_tasks - computed["sweeps"]}
+                "fv.sweeps_cached": n_swept - computed["sweeps"]}
     metrics |= {f"fv.{k}_computed": v for k, v in computed.items()}
     tracking.log_metrics(run, metrics)
     tracking.set_tags(run, {"fv.layer_choice": r.choice.how})
@@ -82,20 +91,23 @@ def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
         tracking.log_figure(run, fig, "plots/fv_layer_sweep.png")
     tracking.log_tensors(run, {e.name: e.fv for e in r.evals}, "fv/function_vectors.safetensors")
     tracking.log_text(run, table(r.evals, r.transfers), "fv/results.md")
+    if r.transfers:
+        tracking.log_text(run, transfer_table(r.transfers), "fv/transfer.md")
     return {"run_id": run.run_id, "tasks": n_tasks, "layer": r.choice.layer, "layer_choice": r.choice.how,
             "layer_valid": r.choice.curve, "top_k": len(r.heads), "heads": r.heads,
             "heads_per_layer": np.bincount([layer for layer, _ in r.heads], minlength=n_layers).tolist(),
-            "mean": means, "layer_sweep": curve, "sweeps_cached": n_tasks - computed["sweeps"], "computed": computed,
-            "transfer": {t.target: {"acc": t.zero_shot, "fv.acc": t.zero_shot_fv, "n": t.n} for t in r.transfers},
+            "mean": means, "layer_sweep": curve, "sweeps_cached": n_swept - computed["sweeps"], "computed": computed,
+            "transfer": {f"{t.source}->{t.target}": t.metrics() for t in r.transfers},
             "wall_s": wall_s}
 
 
 def _log_heads(run: tracking.RunRef, r: FvRun) -> None:
-    aie, names = r.sweeps.aie, r.sweeps.names
+    sweeps = r.heads_sweeps()
+    aie, names = sweeps.aie, sweeps.names
     tracking.log_array(run, aie, "aie.npy")
     tracking.log_figure(run, heatmap(aie, f"{r.model}: average indirect effect ({len(names)} ICL tasks)"),
                         "plots/fv_aie.png")
-    tracking.log_array(run, r.sweeps.ie, "fv/indirect_effects.npy")
+    tracking.log_array(run, sweeps.ie, "fv/indirect_effects.npy")
     tracking.log_text(run, json.dumps({"axes": ["icl_task", "layer", "head"], "icl_tasks": names}, indent=1),
                       "fv/indirect_effects.json")
     tracking.log_text(run, json.dumps({"layer": r.choice.layer, "layer_choice": r.choice.how, "k": len(r.heads),

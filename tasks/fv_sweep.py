@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lensflow.tasks.config import Config, FunctionVectorsConf
+from lensflow.tasks.config import Config, ConfigError, FunctionVectorsConf
 from lensflow.tasks.function_vectors import indirect_effects, mean_head_outputs
-from lensflow.tasks.icl import Pair, Split, Template, answer_token, available_icl_tasks, demonstrations, load_pairs, \
-    pairs_digest, split
+from lensflow.tasks.icl import Pair, Split, Template, available_icl_tasks, demonstrations, load_pairs, pairs_digest, \
+    scored_prompt, split
 from lensflow.tasks.models import LM
 from lensflow.tasks.stages import Item, ModelId, Stage
 
-SWEEP_VERSION = 1  # of the sweep's numbers for the same inputs; part of its stage key
+SWEEP_VERSION = 2  # of the sweep's numbers for the same inputs; part of its stage key
 PROMPT_KEYS = ("seed", "n_shots", "query_template", "answer_template", "separator")  # shape every prompt
 
 
@@ -38,20 +38,35 @@ class IclTaskJob:
 
 @dataclass(frozen=True)
 class IclTasks:
-    """The selected ICL tasks and the transfer targets (loaded only when the transfer source is selected)."""
+    """The selected ICL tasks (their sweeps choose the heads; each is evaluated) and the ICL tasks that only the
+    transfers name (swept for their head means, never voting on the heads)."""
 
     selected: list[IclTaskJob]
-    targets: list[IclTaskJob]
+    transfer_only: list[IclTaskJob]
+
+    @property
+    def names(self) -> list[str]:
+        return [j.name for j in self.selected]
+
+    @property
+    def swept(self) -> list[IclTaskJob]:
+        return self.selected + self.transfer_only
+
+    def __getitem__(self, name: str) -> IclTaskJob:
+        return next(j for j in self.swept if j.name == name)
 
 
 def load_icl_tasks(fc: FunctionVectorsConf) -> IclTasks:
-    """Every selected ICL task (and the transfer targets), split by seed; unknown names fail before any work."""
-    names = fc.icl_tasks if fc.icl_tasks is not None else list(available_icl_tasks(fc.icl_task_paths))
-    selected = [IclTaskJob(n, split(load_pairs(n, fc.icl_task_paths), fc.seed), fc) for n in names]
-    by_name = {j.name: j for j in selected}
-    targets = [by_name.get(t) or IclTaskJob(t, split(load_pairs(t, fc.icl_task_paths), fc.seed), fc)
-               for t in fc.transfer_targets] if fc.transfer_source in by_name else []
-    return IclTasks(selected, targets)
+    """Every selected ICL task and every one a transfer names, split by seed; unknown names fail before any work."""
+    known = available_icl_tasks(fc.icl_task_paths)
+    names = fc.icl_tasks if fc.icl_tasks is not None else list(known)
+    unknown = [n for pair in fc.transfer_pairs() for n in pair if n not in known]
+    if unknown:
+        raise ConfigError(f"config key 'function_vectors.transfer': unknown ICL task '{unknown[0]}' "
+                          f"(known: {', '.join(known)})")
+    extra = [n for n in dict.fromkeys(n for pair in fc.transfer_pairs() for n in pair) if n not in names]
+    jobs = [IclTaskJob(n, split(load_pairs(n, fc.icl_task_paths), fc.seed), fc) for n in [*names, *extra]]
+    return IclTasks(jobs[:len(names)], jobs[len(names):])
 
 
 def template(conf: FunctionVectorsConf) -> Template:
@@ -111,13 +126,14 @@ def sweep_stage(root: str, model: ModelId, job: IclTaskJob) -> Stage:
 def compute_sweep(lm: LM, job: IclTaskJob) -> Item:
     """Mean head outputs on clean prompts and mean indirect effects on shuffled-label prompts, for one ICL task."""
     conf, tpl = job.conf, template(job.conf)
-    clean, _ = icl_prompts(job.split, conf, job.name, conf.n_clean, False, "clean")
-    means = mean_head_outputs(lm, clean, conf.pack_tokens)
+    clean, queries = icl_prompts(job.split, conf, job.name, conf.n_clean, False, "clean")
+    clean = [scored_prompt(lm.tokenizer, t, tpl.continuation(y))[0] for t, (_, y) in zip(clean, queries)]
+    means = mean_head_outputs(lm, clean, conf.pack_tokens)  # where the answer is predicted, as when scored
     shuffled, queries = icl_prompts(job.split, conf, job.name, conf.n_shuffled, True, "shuffled")
     ie = torch.zeros(lm.n_layers, lm.n_heads)
     for text, (_, y) in zip(shuffled, queries):
-        ids = lm.tokenizer(text)["input_ids"]
-        ie += indirect_effects(lm, ids, answer_token(lm.tokenizer, text, tpl.continuation(y)), means, conf.pack_tokens)
+        text, answer = scored_prompt(lm.tokenizer, text, tpl.continuation(y))
+        ie += indirect_effects(lm, lm.tokenizer(text)["input_ids"], answer, means, conf.pack_tokens)
     return Item({"means": means.cpu(), "ie": ie / len(shuffled)}, {"icl_task": job.name})
 
 
@@ -161,6 +177,9 @@ class Sweeps:
     @property
     def computed(self) -> int:
         return sum(t.computed for t in self.icl_tasks)
+
+    def only(self, names: list[str]) -> Sweeps:
+        return Sweeps([self[n] for n in names])
 
 
 def sweep_icl_tasks(conf: Config, jobs: list[IclTaskJob], pool) -> Sweeps:

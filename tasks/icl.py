@@ -3,7 +3,7 @@
 Built-in ICL tasks ship as package data (tasks/data/icl/<name>.json, a JSON list of {"input", "output"});
 users add their own with extra files or folders of such files (`function_vectors.icl_task_paths`). A prompt is
 `n_shots` demonstrations followed by a query; the model's answer is scored on the first token of the answer
-continuation.
+continuation that is not whitespace alone (`scored_prompt`).
 """
 
 from __future__ import annotations
@@ -120,3 +120,21 @@ def answer_token(tokenizer, prompt: str, continuation: str) -> int:
     if len(full) > len(p) and full[: len(p)] == p:
         return full[len(p)]
     return tokenizer(continuation, add_special_tokens=False)["input_ids"][0]
+
+
+def scored_prompt(tokenizer, prompt: str, continuation: str) -> tuple[str, int]:
+    """The prompt to score and the answer token the model must produce after it: (prompt, answer_token) unless
+    the continuation's first tokens are whitespace alone. SmolLM2 and Llama split digits (" 72" is " ", "7", "2"),
+    and scoring that bare space would count every numeric answer right; the whitespace then ends the prompt, and
+    the first other token is scored."""
+    p = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + continuation)["input_ids"]
+    if len(full) <= len(p) or full[: len(p)] != p:
+        return prompt, answer_token(tokenizer, prompt, continuation)
+    i = len(p)
+    while i < len(full) - 1 and not tokenizer.decode([full[i]]).strip():
+        i += 1
+    space = tokenizer.decode(full[len(p):i])
+    if i == len(p) or tokenizer(prompt + space)["input_ids"] != full[:i]:
+        return prompt, full[len(p)]
+    return prompt + space, full[i]

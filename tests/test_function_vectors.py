@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lensflow.tasks.function_vectors import function_vector, indirect_effects, last_token_logits, mean_head_outputs
-from lensflow.tasks.icl import Template, answer_token, available_icl_tasks, demonstrations, load_pairs, split
+from lensflow.tasks.icl import Template, answer_token, available_icl_tasks, demonstrations, load_pairs, \
+    scored_prompt, split
 
 
 @pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
@@ -137,6 +138,19 @@ def test_answer_is_first_token_of_continuation():
     assert tok.decode([ans]) == " "  # byte-level: the first token is the space byte
 
 
+def test_scored_prompt_skips_leading_whitespace_tokens():
+    """A digit-splitting tokenizer writes " 72" as " ", "7", "2" (SmolLM2); the byte-level tiny tokenizer does the
+    same to every word. The bare space is never the scored answer: it ends the prompt."""
+    from lensflow.tasks.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    byte = {c: tok(c, add_special_tokens=False)["input_ids"][0] for c in "7c "}
+    assert scored_prompt(tok, "Q: 3\nA:", " 72") == ("Q: 3\nA: ", byte["7"])
+    assert scored_prompt(tok, "Q: hot\nA:", "  cold") == ("Q: hot\nA:  ", byte["c"])
+    assert scored_prompt(tok, "Q: hot\nA:", "cold") == ("Q: hot\nA:", byte["c"])  # nothing to skip
+    assert scored_prompt(tok, "Q: hot\nA:", " ") == ("Q: hot\nA:", byte[" "])  # whitespace alone stays scored
+
+
 def test_builtin_and_user_icl_tasks(tmp_path):
     known = available_icl_tasks()
     assert {"antonym", "antonym_french", "antonym_spanish", "english_french"} <= set(known)
@@ -161,11 +175,11 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
         "function_vectors.n_clean=3", "function_vectors.n_shuffled=2", "function_vectors.n_test=4",
         "function_vectors.n_valid=4", "function_vectors.demo_sets=2", "function_vectors.filter_correct=false",
         "function_vectors.top_k=3", "function_vectors.layer=auto", "function_vectors.layer_sweep_stride=2",
-        "function_vectors.transfer_targets=[antonym_french]",
+        "function_vectors.transfer=[antonym->antonym_french, antonym_french->antonym]",
     ]
     out = function_vectors_flow(config="conf/default.yaml", overrides=overrides)
     assert out["tasks"] == 2 and len(out["heads"]) == 3 and out["sweeps_cached"] == 0
-    assert out["computed"] == {"sweeps": 2, "valid": 2, "evals": 2, "transfers": 1}
+    assert out["computed"] == {"sweeps": 3, "valid": 2, "evals": 2, "transfers": 2}  # antonym_french: transfer only
     client = MlflowClient(local_uri(tracking_uri))
     run_id = out["run_id"]
     run = client.get_run(run_id)
@@ -175,7 +189,13 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
             assert 0.0 <= metrics[f"fv.{icl_task}.{kind}.acc"] <= 1.0
     assert metrics["fv.mean.zero_shot.acc"] == pytest.approx(
         (metrics["fv.antonym.zero_shot.acc"] + metrics["fv.country_capital.zero_shot.acc"]) / 2)
-    assert "fv.transfer.antonym_french.zero_shot_fv.acc" in metrics
+    for pair in ("antonym->antonym_french", "antonym_french->antonym"):
+        for kind in ("icl", "zero_shot", "zero_shot_own_fv", "zero_shot_fv"):
+            logged = metrics[f"fv.transfer.{pair.replace('->', '__to__')}.{kind}.acc"]
+            assert logged == out["transfer"][pair][f"{kind}.acc"]
+    # the reverse transfer's target is an evaluated ICL task: its own-vector reference is the evaluation's number
+    own = metrics["fv.transfer.antonym_french__to__antonym.zero_shot_own_fv.acc"]
+    assert own == metrics["fv.antonym.zero_shot_fv.acc"]
     assert sorted(m.step for m in client.get_metric_history(run_id, "fv.layer_sweep.zero_shot_fv.acc")) == [0, 2]
     # layer=auto: the logged validation curve's best layer (the earliest of equals) is the layer used
     valid = {m.step: m.value for m in client.get_metric_history(run_id, "fv.layer_valid.zero_shot_fv.acc")}
@@ -195,11 +215,13 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     fvs = load_file(client.download_artifacts(run_id, "fv/function_vectors.safetensors", str(art)))
     assert set(fvs) == {"antonym", "country_capital"} and fvs["antonym"].shape == (64,)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/fv_aie.png", "plots/fv_layer_sweep.png"}
+    rows = open(client.download_artifacts(run_id, "fv/transfer.md", str(art))).read().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| antonym -> antonym_french | ")
 
     again = function_vectors_flow(config="conf/default.yaml", overrides=overrides)  # every stage item is found
-    assert again["sweeps_cached"] == 2 and again["computed"] == {"sweeps": 0, "valid": 0, "evals": 0, "transfers": 0}
+    assert again["sweeps_cached"] == 3 and again["computed"] == {"sweeps": 0, "valid": 0, "evals": 0, "transfers": 0}
     assert again["heads"] == out["heads"] and again["layer"] == out["layer"]
     assert again["mean"] == pytest.approx(out["mean"], nan_ok=True) and again["transfer"] == out["transfer"]
     fixed = function_vectors_flow(config="conf/default.yaml", overrides=[*overrides, "function_vectors.layer=1"])
-    assert fixed["layer"] == 1 and fixed["computed"] == {"sweeps": 0, "valid": 0, "evals": 2, "transfers": 1}
+    assert fixed["layer"] == 1 and fixed["computed"] == {"sweeps": 0, "valid": 0, "evals": 2, "transfers": 2}
     assert client.get_run(fixed["run_id"]).data.tags["fv.layer_choice"] == "config"

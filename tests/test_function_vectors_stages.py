@@ -1,21 +1,23 @@
 """Function-vector stages on a tiny model, in-process (no Prefect, no Ray): what a rerun finds, what a changed
-input recomputes, that a failed run keeps the ICL tasks it finished, and that `layer=auto` reads only validation
-pairs; plus the experiment's decisions (top-k, layer, transfer list) on hand-made inputs."""
+input recomputes, that a failed run keeps the ICL tasks it finished, that `layer=auto` reads only validation
+pairs, and what a directed transfer computes; plus the experiment's decisions (top-k, layer, transfer list) on
+hand-made inputs and the transfer config."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from lensflow.tasks import fv_eval, fv_sweep
-from lensflow.tasks.config import ConfigError, FunctionVectorsConf
+from lensflow.tasks.config import ConfigError, FunctionVectorsConf, load_config
 from lensflow.tasks.fv_choices import FvPlan, choose_layer, default_top_k, plan, top_heads, transfer_jobs
 from lensflow.tasks.fv_eval import LayerCurve
-from lensflow.tasks.fv_sweep import IclTaskJob, IclTaskSweep, Sweeps, load_icl_tasks
+from lensflow.tasks.fv_sweep import IclTaskJob, IclTasks, IclTaskSweep, Sweeps, load_icl_tasks
 from lensflow.tasks.icl import load_pairs, split
 from lensflow.tasks.models import ModelInfo, describe
 from lensflow.tasks.stages import ModelId
@@ -64,25 +66,29 @@ def run_stages(conf, pool):
     fc = conf.function_vectors
     icl = load_icl_tasks(fc)
     p = plan(fc, pool.describe())
-    sweeps = fv_sweep.sweep_icl_tasks(conf, icl.selected, pool)
-    heads = top_heads(sweeps.aie, p.top_k)
+    sweeps = fv_sweep.sweep_icl_tasks(conf, icl.swept, pool)
+    heads = top_heads(sweeps.only(icl.names).aie, p.top_k)
     curves = fv_eval.validation_layer_sweeps(conf, icl.selected, sweeps, heads, p.candidate_layers, pool) \
         if p.layer is None else []
     choice = choose_layer(p, curves, pool.describe().n_layers)
     evals = fv_eval.evaluate_icl_tasks(conf, icl.selected, sweeps, heads, choice.layer, p.sweep_layers, pool)
-    transfers = fv_eval.evaluate_transfers(conf, transfer_jobs(fc, icl.targets, sweeps, heads, choice.layer), pool)
+    transfers = fv_eval.evaluate_transfers(conf, transfer_jobs(fc, icl, sweeps, heads, choice.layer), pool)
     return sweeps, heads, curves, choice, evals, transfers
 
 
 def test_rerun_finds_everything_and_top_k_recomputes_only_evaluation(make_conf, pool, calls):
     conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.top_k=3",
-                     "function_vectors.transfer_targets=[antonym_french]")
+                     "function_vectors.transfer=[antonym->antonym_french]")
     sweeps, heads, curves, choice, evals, transfers = run_stages(conf, pool)
-    assert calls == {"sweep": 2, "valid": 2, "eval": 2, "transfer": 1}
-    assert sweeps.computed == 2 and all(c.computed for c in curves) and all(e.computed for e in evals)
+    assert calls == {"sweep": 3, "valid": 2, "eval": 2, "transfer": 1}  # antonym_french: swept for the transfer
+    assert sweeps.computed == 3 and all(c.computed for c in curves) and all(e.computed for e in evals)
+    # the heads come from the two evaluated ICL tasks only, not from the transfer-only one
+    mean_ie = (sweeps["antonym"].ie + sweeps["country_capital"].ie) / 2
+    assert heads == [divmod(int(i), mean_ie.shape[1]) for i in torch.argsort(mean_ie.flatten(), descending=True,
+                                                                             stable=True)[:3]]
 
     again = run_stages(conf, pool)
-    assert calls == {"sweep": 2, "valid": 2, "eval": 2, "transfer": 1}  # nothing ran again
+    assert calls == {"sweep": 3, "valid": 2, "eval": 2, "transfer": 1}  # nothing ran again
     assert again[0].computed == 0 and not any(e.computed for e in again[4]) and not again[5][0].computed
     # what the rerun read back from the store is what the first run computed
     for name in ("antonym", "country_capital"):
@@ -93,13 +99,15 @@ def test_rerun_finds_everything_and_top_k_recomputes_only_evaluation(make_conf, 
     torch.testing.assert_close(again[4][0].fv, evals[0].fv, rtol=0, atol=0)
 
     fewer = run_stages(make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]",
-                                 "function_vectors.top_k=2", "function_vectors.transfer_targets=[antonym_french]"), pool)
-    assert calls == {"sweep": 2, "valid": 4, "eval": 4, "transfer": 2}  # the sweeps were found, the rest re-ran
+                                 "function_vectors.top_k=2", "function_vectors.transfer=[antonym->antonym_french]"),
+                       pool)
+    assert calls == {"sweep": 3, "valid": 4, "eval": 4, "transfer": 2}  # the sweeps were found, the rest re-ran
     assert fewer[0].computed == 0 and fewer[1] == heads[:2]
 
 
 def test_failed_run_keeps_finished_icl_tasks(make_conf, pool, monkeypatch):
-    conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital, synonym]")
+    conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital, synonym]",
+                     "function_vectors.transfer=[]")
     jobs = load_icl_tasks(conf.function_vectors).selected
     real = fv_sweep.compute_sweep
 
@@ -142,7 +150,7 @@ def test_auto_layer_reads_only_validation_pairs(make_conf, pool, calls, monkeypa
 
     monkeypatch.setattr(fv_eval, "zero_shot_layer_sweep", recording)
     base = [*SMALL, "function_vectors.icl_tasks=[mine, antonym]", "function_vectors.top_k=2",
-            "function_vectors.transfer_source=null", "function_vectors.layer=auto"]
+            "function_vectors.transfer=[]", "function_vectors.layer=auto"]
     conf = make_conf(*base, f"function_vectors.icl_task_paths=[{a}]")
     _, _, curves, choice, evals, _ = run_stages(conf, pool)
     assert choice.how == "auto" and choice.layer in [0, 2]
@@ -166,7 +174,7 @@ def test_auto_layer_reads_only_validation_pairs(make_conf, pool, calls, monkeypa
 
 def test_explicit_layer_skips_validation(make_conf, pool, calls):
     conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym]", "function_vectors.layer=3",
-                     "function_vectors.top_k=2", "function_vectors.transfer_source=null")
+                     "function_vectors.top_k=2", "function_vectors.transfer=[]")
     _, _, curves, choice, _, _ = run_stages(conf, pool)
     assert (choice.layer, choice.how, curves, calls["valid"]) == (3, "config", [], 0)
 
@@ -213,13 +221,88 @@ def test_choose_layer():
 
 
 def test_transfer_jobs():
-    fc = FunctionVectorsConf(transfer_source="src")
+    fc = FunctionVectorsConf(transfer=["src->t1", "t1->src"])
     sp = split([(str(i), str(i)) for i in range(8)], 0)
     means = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)
-    sweeps = Sweeps([IclTaskSweep("src", "k1", means, torch.zeros(2, 2), False)])
-    targets = [IclTaskJob("t1", sp, fc), IclTaskJob("t2", sp, fc)]
-    jobs = transfer_jobs(fc, targets, sweeps, [(1, 0), (0, 1)], layer=1)
-    assert [j.task.name for j in jobs] == ["t1", "t2"] and all(j.sweep_key == "k1" and j.layer == 1 for j in jobs)
-    torch.testing.assert_close(jobs[0].head_means, torch.stack([means[1, 0], means[0, 1]]))
-    assert transfer_jobs(FunctionVectorsConf(transfer_source="other"), targets, sweeps, [(0, 0)], 1) == []
-    assert transfer_jobs(FunctionVectorsConf(transfer_source=None), targets, sweeps, [(0, 0)], 1) == []
+    sweeps = Sweeps([IclTaskSweep("src", "k1", means, torch.zeros(2, 2), False),
+                     IclTaskSweep("t1", "k2", -means, torch.zeros(2, 2), False)])
+    icl = IclTasks([IclTaskJob("src", sp, fc)], [IclTaskJob("t1", sp, fc)])
+    jobs = transfer_jobs(fc, icl, sweeps, [(1, 0), (0, 1)], layer=1)
+    assert [(j.source, j.own.task.name, j.name) for j in jobs] == [("src", "t1", "src->t1"), ("t1", "src", "t1->src")]
+    assert [(j.source_key, j.own.sweep_key, j.own.layer) for j in jobs] == [("k1", "k2", 1), ("k2", "k1", 1)]
+    torch.testing.assert_close(jobs[0].source_means, torch.stack([means[1, 0], means[0, 1]]))
+    torch.testing.assert_close(jobs[0].own.head_means, -torch.stack([means[1, 0], means[0, 1]]))
+    assert transfer_jobs(FunctionVectorsConf(transfer=[]), icl, sweeps, [(0, 0)], 1) == []
+
+
+def test_transfer_config():
+    fc = load_config(None, ["function_vectors.transfer=[a -> b, b->a, a->b]"]).function_vectors
+    assert fc.transfer == ["a->b", "b->a"] and fc.transfer_pairs() == [("a", "b"), ("b", "a")]
+    assert FunctionVectorsConf().transfer_pairs()[0][::-1] == FunctionVectorsConf().transfer_pairs()[1]
+    for bad in ["a", "a->", "->b", "a->b->c", "a->a", "a-b", "a>b"]:
+        with pytest.raises(ConfigError, match=r"^config key 'function_vectors.transfer': expected") as err:
+            load_config(None, [f"function_vectors.transfer=[{bad}]"])
+        assert "\n" not in str(err.value)
+    # an ICL task no file holds fails where the flow (and the preflight) loads the ICL tasks, before any work
+    with pytest.raises(ConfigError, match=r"'function_vectors.transfer': unknown ICL task 'nope'"):
+        load_icl_tasks(FunctionVectorsConf(icl_tasks=["antonym"], transfer=["antonym->nope"]))
+    icl = load_icl_tasks(FunctionVectorsConf(icl_tasks=["antonym", "synonym"],
+                                             transfer=["antonym_french->antonym", "synonym->antonym_spanish"]))
+    assert icl.names == ["antonym", "synonym"] and [j.name for j in icl.transfer_only] == ["antonym_french",
+                                                                                           "antonym_spanish"]
+    assert icl["antonym_spanish"].split == split(load_pairs("antonym_spanish"), 0)
+
+
+def _manual_logits(lm, queries: list, fv: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """Plain HF forwards of "Q: x\nA: " (the byte-level tokenizer's answers start with the space byte, which ends
+    the scored prompt), fv added to resid `layer` (the input of block `layer`) at the last token."""
+
+    def pre(module, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).clone()
+        h[0, -1] += fv
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    handle = lm.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True) if fv is not None else None
+    try:
+        with torch.no_grad():
+            return torch.stack([lm.model(input_ids=lm.tokenizer(f"Q: {x}\nA: ", return_tensors="pt")["input_ids"])
+                                .logits[0, -1] for x, _ in queries])
+    finally:
+        if handle:
+            handle.remove()
+
+
+def test_transfer_against_evaluation_and_plain_forwards(make_conf, pool, calls, monkeypatch):
+    """Source -> target: the target's n-shot and no-vector accuracies and its own vector's are the evaluation's
+    numbers for that ICL task; the logits the transfer scores are plain forwards with the source's (and the
+    target's) vector added by a torch hook."""
+    seen: list[torch.Tensor] = []
+    real = fv_eval.last_token_logits
+    monkeypatch.setattr(fv_eval, "last_token_logits", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.top_k=3",
+                     "function_vectors.layer=2", "function_vectors.scale=8", "function_vectors.n_test=6",
+                     "function_vectors.transfer=[antonym->country_capital]")
+    sweeps, heads, _, choice, evals, transfers = run_stages(conf, pool)
+    (t,), target = transfers, next(e for e in evals if e.name == "country_capital")
+    assert (t.source, t.target, t.n_eval, t.metric_name) == ("antonym", "country_capital", 6,
+                                                               "antonym__to__country_capital")
+    assert (t.icl, t.zero_shot, t.zero_shot_own_fv) == (target.acc.icl, target.acc.zero_shot, target.acc.zero_shot_fv)
+    # the transfer's last two scoring passes: [plain; + own vector] and [+ source vector] on the 6 kept test queries
+    # (filter_correct=false keeps them all)
+    queries = split(load_pairs("country_capital"), 0).test[:6]
+    fv = sum(pool.lm.head_output_to_resid(layer, head, sweeps["antonym"].means[layer, head]) for layer, head in heads)
+    plain, own, source = (_manual_logits(pool.lm, queries, v, layer=2) for v in (None, target.fv, 8 * fv))
+    assert (source - plain).abs().max() > 1e-3 and (own - plain).abs().max() > 1e-3  # the vectors matter
+    torch.testing.assert_close(seen[-2], torch.cat([plain, own]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen[-1], source, atol=1e-4, rtol=1e-4)
+    answers = [pool.lm.tokenizer(y[0], add_special_tokens=False)["input_ids"][0] for _, y in queries]  # 1st byte
+    assert t.zero_shot_fv == pytest.approx((source.argmax(-1) == torch.tensor(answers)).float().mean().item())
+
+    # the reverse direction is a new item; the first one is found, not recomputed
+    more = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.top_k=3",
+                     "function_vectors.layer=2", "function_vectors.scale=8", "function_vectors.n_test=6",
+                     "function_vectors.transfer=[antonym->country_capital, country_capital->antonym]")
+    n = calls["transfer"]
+    again = run_stages(more, pool)[5]
+    assert calls["transfer"] == n + 1 and [r.computed for r in again] == [False, True]
+    assert again[0] == replace(t, computed=False)
