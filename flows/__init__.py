@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from lensflow.tasks.config import Config, ConfigError
 
 FLOWS = {
+    "causal-trace": "lensflow.flows.causal_trace:causal_trace_flow",
     "extract": "lensflow.flows.extract:extract_flow",
     "future-lens": "lensflow.flows.future_lens:future_lens_flow",
     "function-vectors": "lensflow.flows.function_vectors:function_vectors_flow",
@@ -24,6 +25,11 @@ FLOWS = {
 
 def check_inputs(flow: str, conf: Config) -> None:
     """Read and validate a flow's input files (the same loaders the flow uses), before Prefect or Ray start."""
+    if flow == "causal-trace":
+        from lensflow.tasks.causal_trace_facts import load_facts
+
+        load_facts(conf.causal_trace.facts_file)
+        return
     if flow == "function-vectors":
         from lensflow.tasks.fv_sweep import load_icl_tasks
 

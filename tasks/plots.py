@@ -101,3 +101,21 @@ def save_grid(fig: Figure, page: str, name: str, prompt: str, out_dir: str | Pat
     paths["html"].write_text(page)
     plt.close(fig)
     return paths
+
+
+def labelled_heatmap(matrix: np.ndarray, row_labels: Sequence[str], title: str, xlabel: str = "layer",
+                     cmap: str = "Purples", colorbar: str = "", vmin: float | None = None) -> Figure:
+    """Rows named (tokens, token groups) top to bottom, columns = layers 0..; NaN cells (a row that does not
+    apply) are left blank."""
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.16 * m.shape[1], 1.0 + 0.3 * m.shape[0]))
+    im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap=cmap, vmin=vmin, interpolation="nearest")
+    ax.set_yticks(range(len(row_labels)), [str(r)[:24] for r in row_labels], fontsize=8)
+    step = max(1, m.shape[1] // 10)
+    ax.set_xticks(range(0, m.shape[1], step))
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label(colorbar)
+    fig.tight_layout()
+    return fig
