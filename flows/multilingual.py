@@ -52,6 +52,6 @@ def multilingual_flow(config: str = "conf/default.yaml", overrides: list[str] | 
         # 3. metrics with step = layer (SAE: resid layer; neurons: MLP block, which writes into resid layer block + 1)
         summary = log_results(run, info, stores, results, neuron, inputs.n_paragraphs, t0)
     print(summary.text())
-    print(f"MLflow run: {run.run_id} at {run.tracking_uri} (experiment '{conf.tracking.experiment}'); "
+    print(f"MLflow run: {run.run_id} (experiment '{conf.tracking.experiment}'); "
           f"{summary.wall_s:.0f} s")
     return summary.as_dict(run.run_id)
