@@ -42,14 +42,23 @@ def compute_chunk(lm: LM, job: ChunkJob) -> dict[str, np.ndarray]:
     with trace(lm, reads=reads, stop_at=deepest) as t:
         lm.base(input_ids=ids, attention_mask=mask, use_cache=False)
     b, s = ids.shape
-    dtype = np.dtype(spec.dtype)
+    store_dtype = getattr(torch, spec.dtype)
 
     def stack(site: str, layers: list[int]) -> np.ndarray:
-        x = torch.stack([t[site, l] for l in layers], dim=1 if spec.positions == "last" else 2)  # layer axis
-        if spec.positions == "all":  # pad the token axis to max_tokens, zeros past each row's end
-            x = x * mask.view(b, s, *[1] * (x.ndim - 2)).to(x.dtype)
-            x = torch.nn.functional.pad(x, [0, 0] * (x.ndim - 2) + [0, spec.max_tokens - s])
-        return x.float().cpu().numpy().astype(dtype)
+        """One layer at a time: masked and cast to the store dtype on the device, then copied into a host array,
+        so the device never holds the stacked layers (in float32) beside the model's own outputs."""
+        axis = 1 if spec.positions == "last" else 2  # the layer axis
+        first = t[site, layers[0]]
+        shape = [*first.shape]
+        if spec.positions == "all":
+            shape[1] = spec.max_tokens
+        out = torch.zeros(*shape[:axis], len(layers), *shape[axis:], dtype=store_dtype)
+        for i, l in enumerate(layers):
+            x = t.values.pop((site, l))  # released as soon as it is copied
+            if spec.positions == "all":  # zeros past each row's end; the token axis is padded by `out`
+                x = x * mask.view(b, s, *[1] * (x.ndim - 2)).to(x.dtype)
+            out.select(axis, i)[:, :x.shape[1]] = x.to(store_dtype).cpu()
+        return out.numpy()
 
     token_ids = torch.full((b, spec.max_tokens), -1, dtype=torch.int32)
     token_ids[:, :s] = torch.where(mask.bool(), ids, -1).to(torch.int32).cpu()

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from lensflow.tasks import future_lens_report as report
-from lensflow.tasks.actors import ModelPool, map_remote
+from lensflow.tasks.actors import ModelPool, connect, map_remote
 from lensflow.tasks.config import Config, ConfigError, FutureLensConf, RayConf
+from lensflow.tasks.devices import cluster_gpus, compute_device, task_gpus
 from lensflow.tasks.extraction import Extraction
 from lensflow.tasks.future_lens_metrics import decoded_scores, score
 from lensflow.tasks.future_lens_samples import SampleTargets, Samples, blocks, minibatches, read_block, tokenize_texts
@@ -165,8 +166,13 @@ def on_actors(pool: ModelPool, fn: Callable[[LM, ProbeJob], LayerResult], jobs: 
 
 
 def on_workers(conf: RayConf, fn: Callable[[ProbeJob], LayerResult], jobs: list[ProbeJob]) -> list[LayerResult]:
-    """Model-free per-layer jobs as Ray remote functions."""
-    return map_remote(fn, jobs, f"future lens: {fn.__name__}", conf)
+    """Model-free per-layer jobs as Ray remote functions, future_lens.gpus_per_task GPUs each (`auto`: 1 where the
+    cluster has GPUs)."""
+    if not jobs:
+        return []
+    connect(conf)
+    gpus = task_gpus(jobs[0].conf.gpus_per_task, cluster_gpus(), "future_lens.gpus_per_task")
+    return map_remote(fn, jobs, f"future lens: {fn.__name__}", conf, num_gpus=gpus)
 
 
 # --------------------------------------------------------------------------------------------- per-layer jobs
@@ -267,9 +273,10 @@ def linear_hidden_job(lm: LM, job: ProbeJob) -> LayerResult:
 
 
 def linear_vocab_job(job: ProbeJob) -> LayerResult:
-    """Direct vocabulary probe (no model needed: a Ray remote function). Inputs standardised with streamed
-    statistics of the training rows; see VocabProbe for the parameterisation."""
+    """Direct vocabulary probe (no model needed: a Ray remote function, on the GPU Ray gave it if any). Inputs
+    standardised with streamed statistics of the training rows; see VocabProbe for the parameterisation."""
     s, c, l = job.samples, job.conf, job.layer
+    dev = compute_device()
 
     def train() -> tuple[dict, dict, dict]:
         n, s1, s2, targets = 0, 0.0, 0.0, []
@@ -286,14 +293,16 @@ def linear_vocab_job(job: ProbeJob) -> LayerResult:
                               for k in range(greedy.shape[1])]).float()
         prior = torch.log(counts + 0.1) - torch.log(counts.sum(1, keepdim=True))
         batches = minibatches(s, l, s.train, c.vocab_batch, s.chunk_rows, c.seed + l)
-        probe, losses = fit_vocab_probe(batches, vocab, mu.float(), sd.float(), greedy.shape[1], c.vocab_rank,
-                                        c.vocab_steps, c.vocab_lr, c.vocab_weight_decay, prior, c.seed + l)
-        return probe.state(), {"loss": losses}, {"rank": c.vocab_rank, "steps": c.vocab_steps, "vocab": int(vocab.numel())}
+        probe, losses = fit_vocab_probe(batches, vocab.to(dev), mu.float().to(dev), sd.float().to(dev), greedy.shape[1],
+                                        c.vocab_rank, c.vocab_steps, c.vocab_lr, c.vocab_weight_decay, prior.to(dev),
+                                        c.seed + l)
+        return probe.to("cpu").state(), {"loss": losses}, {"rank": c.vocab_rank, "steps": c.vocab_steps,
+                                                           "vocab": int(vocab.numel())}
 
     def evaluate(state: Item) -> list[dict]:
-        probe = VocabProbe.from_state(state.tensors)
+        probe = VocabProbe.from_state(state.tensors).to(dev)
         test = read_block(s, l, s.test)
-        return [score(probe.logprobs(test["h"], n, s.vocab_size), test["greedy"][:, n], tuple(c.ks))
+        return [score(probe.logprobs(test["h"].to(dev), n, s.vocab_size).cpu(), test["greedy"][:, n], tuple(c.ks))
                 for n in range(test["greedy"].shape[1])]
 
     return run_probe(job, _timed(train), evaluate)

@@ -46,7 +46,7 @@ def render_grid(conf: Config, prompt: str, run_id: str | None = None, out_dir: s
     enc = lm.encode([prompt])
     ids = enc["input_ids"][0]
     with trace(lm, reads=[Read("resid", l) for l in layers]) as t:
-        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
     tok = lm.tokenizer
     tokens = [tok.decode([i]) for i in ids.tolist()]
     cells, probs = [], np.zeros((len(layers), len(tokens)))

@@ -47,7 +47,7 @@ def scan_texts(lm: LM, item: tuple[list[str], int, int]) -> list[dict]:
     texts, max_tokens, min_prefix = item
     enc = lm.encode(texts, max_tokens=max_tokens + 1)  # right padded: causal positions see no padding
     with trace(lm, reads=[Read("resid", lm.n_layers)]) as t:
-        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
     h = t["resid", lm.n_layers]
     out = []
     for row, length in enumerate(enc["attention_mask"].sum(1).tolist()):

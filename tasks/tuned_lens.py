@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from lensflow.tasks.actors import map_remote
+from lensflow.tasks.actors import connect, map_remote
 from lensflow.tasks.config import Config, ConfigError, LensesConf, with_overrides
+from lensflow.tasks.devices import cluster_gpus, compute_device, task_gpus
 from lensflow.tasks.lenses import (LensTargets, Readout, Translator, evaluate, final_targets, flatten_tokens,
                                    token_batches, train_translator)
 from lensflow.tasks.stages import Item, Stage
@@ -85,6 +86,12 @@ def lens_stages(conf: Config, store_key: str, rows: PromptSplit) -> LensStages:
     return LensStages(targets, translators, evaluations, rows)
 
 
+def lens_task_gpus(conf: Config) -> float:
+    """GPUs per lens Ray task: lenses.gpus_per_task, `auto` = 1 where the cluster has GPUs (see tasks/devices.py)."""
+    connect(conf.ray)
+    return task_gpus(conf.lenses.gpus_per_task, cluster_gpus(), "lenses.gpus_per_task")
+
+
 def layer_item(layer: int) -> str:
     return f"layer_{layer:02d}"
 
@@ -92,10 +99,6 @@ def layer_item(layer: int) -> str:
 def _resolve(x):
     """Big shared inputs (readout, targets) travel as Ray object refs inside job items; tests pass values."""
     return ray.get(x) if isinstance(x, ray.ObjectRef) else x
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---- lens targets: one item per store chunk ----
@@ -124,7 +127,9 @@ def targets_chunk(job: TargetsChunk) -> ChunkTargets:
         acts = Activations(job.url)
         block = acts.layer(job.last_layer, slice(job.rows.start, job.rows.stop))
         h = flatten_tokens(block, acts.lengths[job.rows.start:job.rows.stop])
-        return Item(final_targets(_resolve(job.readout), h).tensors(), {"rows": [job.rows.start, job.rows.stop]})
+        dev = compute_device()
+        targets = final_targets(_resolve(job.readout).to(dev), h.to(dev)).to("cpu")
+        return Item(targets.tensors(), {"rows": [job.rows.start, job.rows.stop]})
 
     item, computed = job.stage.get_or_compute(f"chunk_{job.chunk:04d}", compute)
     return ChunkTargets(LensTargets.from_tensors(item.tensors), computed)
@@ -141,13 +146,13 @@ class TargetsResult:
 
 
 def lens_targets(conf: Config, stages: LensStages, url: str, last_layer: int, readout) -> TargetsResult:
-    """Model-free Ray remote functions, one per store chunk."""
+    """Model-free Ray remote functions, one per store chunk (lenses.gpus_per_task GPUs each)."""
     t0 = time.perf_counter()
     acts = Activations(url)
     step = acts.chunk_rows
     jobs = [TargetsChunk(stages.targets, url, c, range(i, min(acts.n, i + step)), last_layer, readout)
             for c, i in enumerate(range(0, acts.n, step))]
-    parts = map_remote(targets_chunk, jobs, "lens targets", conf.ray)
+    parts = map_remote(targets_chunk, jobs, "lens targets", conf.ray, num_gpus=lens_task_gpus(conf))
     return TargetsResult(LensTargets.cat([p.targets for p in parts]), len(parts), sum(p.computed for p in parts),
                          time.perf_counter() - t0)
 
@@ -184,10 +189,11 @@ class LayerLenses:
 
 
 class _LayerData:
-    """(h, targets) minibatches of one layer streamed from the store, on the compute device."""
+    """(h, targets) minibatches of one layer streamed from the store, moved to the compute device one batch at a
+    time (the targets of every token stay in host memory: 4 GB for 256k GPT-J tokens)."""
 
     def __init__(self, url: str, layer: int, targets: LensTargets, batch_tokens: int, device: torch.device):
-        self.acts, self.layer, self.targets = Activations(url), layer, targets.to(device)
+        self.acts, self.layer, self.targets = Activations(url), layer, targets
         self.lengths, self.batch_tokens, self.device = self.acts.lengths, batch_tokens, device
 
     def tokens(self, rows: range) -> int:
@@ -198,7 +204,7 @@ class _LayerData:
         starts = range(rows.start, rows.stop, step)
         blocks = zip(starts, self.acts.iter_layer(self.layer, step, slice(rows.start, rows.stop)))
         for h, tgt in token_batches(blocks, self.lengths, self.targets, self.batch_tokens, rows, shuffle_seed):
-            yield h.to(self.device), tgt
+            yield h.to(self.device), tgt.to(self.device)
 
 
 def _train(job: TranslatorJob, data: _LayerData, readout: Readout) -> Item:
@@ -218,7 +224,7 @@ def train_and_evaluate(job: TranslatorJob) -> LayerLenses:
     """One layer of the tuned lens: its translator (the last layer's is the identity by definition), published
     before evaluation starts, then logit and tuned lens on the held-out prompts, published too."""
     t0, c0 = time.perf_counter(), time.process_time()
-    dev = _device()
+    dev = compute_device()
     readout = _resolve(job.readout).to(dev)
     data = _LayerData(job.url, job.layer, _resolve(job.targets), job.training.batch_tokens, dev)
     name = layer_item(job.layer)
@@ -276,9 +282,10 @@ def lens_layers(conf: Config, stages: LensStages, url: str, last_layer: int, rea
                 targets: TargetsResult, parent=None) -> LayersResult:
     """Model-free Ray remote functions, one per layer 0..last_layer (lenses.gpus_per_task GPUs each)."""
     t0 = time.perf_counter()
+    gpus = lens_task_gpus(conf)
     targets_ref = ray.put(targets.targets)  # shared by every layer, sent once
     jobs = [TranslatorJob(stages, url, l, last_layer, conf.lenses, readout, targets_ref, parent)
             for l in range(last_layer + 1)]
     layers = map_remote(train_and_evaluate, jobs, "tuned lens: train + evaluate per layer", conf.ray, num_cpus=1,
-                        num_gpus=conf.lenses.gpus_per_task)
+                        num_gpus=gpus)
     return LayersResult(layers, time.perf_counter() - t0)
