@@ -39,6 +39,13 @@ class ModelConf(Section):
     revision: str | None = None
     trust_remote_code: bool = False
 
+    @field_validator("device")
+    @classmethod
+    def _no_cpu_float16(cls, v: str, info) -> str:
+        if v == "cpu" and info.data.get("dtype") == "float16":  # see tasks/devices.py
+            raise ValueError("model.dtype=float16 needs a GPU; use float32 or bfloat16 on a CPU")
+        return v
+
 
 class DataConf(Section):
     prompts_file: str | None = None  # .txt (one prompt per line) or .jsonl ({"text": ...}); None = built-in text set

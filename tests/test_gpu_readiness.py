@@ -4,6 +4,7 @@ scaling through a float16 model, and the paper config's pins. Budget: under 30 s
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -42,10 +43,14 @@ def test_device_rules():
     assert _one_line(err).startswith("model.device=cuda: CUDA is not available")
 
 
-def test_float16_refused_on_cpu_before_weights_load():
-    with pytest.raises(ConfigError) as err:
-        load_model(ModelConf(name="tiny-llama", dtype="float16", device="cpu"))
-    assert _one_line(err).startswith("model.dtype=float16 on a CPU")
+def test_float16_refused_on_cpu():
+    with pytest.raises(ConfigError) as err:  # said in the config: refused before anything starts
+        load_config(None, ["model.device=cpu", "model.dtype=float16"])
+    assert _one_line(err).startswith("config key 'model.device': model.dtype=float16 needs a GPU")
+    if not torch.cuda.is_available():  # device auto resolves to the CPU here: refused before weights load
+        with pytest.raises(ConfigError) as err:
+            load_model(ModelConf(name="tiny-llama", dtype="float16"))
+        assert _one_line(err).startswith("model.dtype=float16 on a CPU")
     lm = load_model(ModelConf(name="tiny-llama", dtype="bfloat16", device="cpu"))  # bfloat16 is fine on a CPU
     assert lm.dtype == torch.bfloat16 and lm.device.type == "cpu"
 
@@ -141,6 +146,12 @@ def test_soft_prompt_trains_through_a_float16_model_with_loss_scaling():
     # the float16 run follows the float32 one (an independent computation of the same training)
     assert abs(l16[0] - l32[0]) < 0.05 * abs(l32[0]) + 1e-3
     assert (p16 - p32).abs().max() < 0.1 * (p32 - init).abs().max() + 1e-3
+    # a step whose float16 pass overflows (a state beyond float16's range) is skipped, and training goes on; without
+    # the scaler its NaN gradient would reach the float32 prompt and every later step
+    overflow = {**batches[0], "h": torch.full((4, d), 1e5)}
+    p, losses = train_soft_prompt(lm16, 2, iter([overflow, *batches[:2]]), init, 3, 0.1)
+    assert math.isnan(losses[0]) and all(math.isfinite(x) for x in losses[1:])
+    assert torch.isfinite(p).all() and (p - init).abs().max() > 0
 
 
 def test_paper_config_pins_and_extras():
