@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import ray
 import torch
-from tqdm.auto import tqdm
 
 from lensflow.tasks.config import Config, ConfigError, ModelConf, RayConf
 from lensflow.tasks.models import ModelInfo, describe
+from lensflow.tasks.progress import progress
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ class ModelPool:
         todo = list(enumerate(items))[::-1]
         load = {i: 0 for i in range(self.size)}
         owner: dict[ray.ObjectRef, int] = {}
-        with tqdm(total=len(items), desc=desc or getattr(fn, "__name__", "work"), unit="item") as bar:
+        with progress(len(items), desc or getattr(fn, "__name__", "work")) as bar:
             while todo or pending:
                 for a in range(self.size):
                     while todo and load[a] < in_flight:
@@ -169,7 +169,7 @@ def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayC
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     waiting = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="task") as bar:
+    with progress(len(refs), desc, unit="task") as bar:
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             results[index[done[0]]] = ray.get(done[0])

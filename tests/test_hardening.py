@@ -24,7 +24,6 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-import requests
 import zarr
 from mlflow.tracking import MlflowClient
 from prefect.settings import Settings  # what the CLI subprocesses read (env, profile), not a test harness's override
@@ -33,43 +32,11 @@ import lensflow.flows.cli as cli  # sets the CLI's MLflow HTTP retry defaults in
 from lensflow.tasks import tracking
 from lensflow.tasks.config import ConfigError, load_config
 from lensflow.tasks.data import builtin_texts
+from loopback import BIN, MlflowServer, answers, free_port, kill_tree, wait_until
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-BIN = Path(sys.executable).parent
 NO_AWS = {"AWS_EC2_METADATA_DISABLED": "true",  # never ask the cloud metadata address for credentials
           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(ok, timeout: float, what: str, every: float = 0.3):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := ok():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Signal a process this test started and every process under it, each by its id."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        p.kill()
 
 
 def _serve(folder: Path) -> http.server.ThreadingHTTPServer:
@@ -95,21 +62,13 @@ def s3_endpoint():
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(url), 60, "moto_server")
+        wait_until(lambda: answers(url), 60, "moto_server")
         import s3fs
 
         s3fs.S3FileSystem(key="k", secret="s", client_kwargs={"endpoint_url": url}).mkdir("lensflow-hardening")
         yield url
     finally:
         kill_tree(proc.pid, signal.SIGTERM)
-
-
-def _answers(url: str) -> bool:
-    try:
-        requests.get(url, timeout=2)
-        return True
-    except requests.RequestException:
-        return False
 
 
 @pytest.fixture
@@ -269,30 +228,6 @@ def test_stale_rule_spares_nested_runs_of_live_runs(tracking_uri):
 
 
 # ----------------------------------------------------------------------------------- the live-server scenario
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with its own database and artifact folder; stop() and start() keep both."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port, self.proc = folder, free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = (self.folder / "server.log").open("a")
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts")], stdout=log, stderr=log, env=env)
-        wait_until(lambda: self.proc.poll() is not None or _answers(self.url + "/health"), 180, "mlflow server")
-        assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-2000:]
-
-    def stop(self) -> None:
-        kill_tree(self.proc.pid, signal.SIGTERM)
-
 
 class CliRun:
     """`python -m lensflow.flows.cli run extract ...` as a subprocess whose listening sockets are sampled."""
