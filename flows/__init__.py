@@ -22,6 +22,25 @@ FLOWS = {
     "multilingual": "lensflow.flows.multilingual:multilingual_flow",
 }
 
+# What a sweep compares its points by: (metric, "max" | "min", "best" | "mean"). A per-layer metric (step = layer)
+# scores its best layer, or its mean over layers where the best layer is trivial (KL to the final layer is 0 there).
+HEADLINES = {
+    "causal-trace": ("causal_trace.mlp.aie.last_subject_token", "max", "best"),
+    "extract": ("extract.prompts.tokens_per_s", "max", "best"),
+    "future-lens": ("future_lens.soft_prompt.p_at_1.n1", "max", "best"),
+    "function-vectors": ("fv.layer_sweep.zero_shot_fv.acc", "max", "best"),
+    "logit-lens": ("tuned_lens.kl_to_final", "min", "mean"),
+    "multilingual": ("multilingual.overlap.gap", "max", "best"),
+}
+
+
+def resolve_flow(name: str) -> Callable[..., Any]:
+    """The flow function behind a name of FLOWS, imported only when asked for (each pulls in its experiment)."""
+    import importlib
+
+    module, fn = FLOWS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
 
 def check_inputs(flow: str, conf: Config) -> None:
     """Read and validate a flow's input files (the same loaders the flow uses), before Prefect or Ray start."""

@@ -20,7 +20,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-from lensflow.flows import FLOWS, check_inputs  # noqa: E402
+from lensflow.flows import FLOWS, check_inputs, resolve_flow  # noqa: E402
 from lensflow.tasks.config import ConfigError, load_config, public_overrides  # noqa: E402
 from lensflow.tasks.preflight import preflight  # noqa: E402
 from lensflow.tasks.redact import redact_tree  # noqa: E402
@@ -30,6 +30,23 @@ from lensflow.tasks.tracking import outage  # noqa: E402
 def _resolve(target: str):
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _sweep(args: argparse.Namespace) -> dict:
+    """Validate every point (configs and input files) before Prefect, Ray or MLflow start; then the sweep flow."""
+    from lensflow.tasks import sweeps
+
+    if args.file:
+        spec = sweeps.load_sweep(args.file)
+    elif args.flow and args.grid:
+        spec = sweeps.from_command_line(args.flow, args.config, public_overrides(args.overrides), args.grid,
+                                        args.max_parallel, args.deployment)
+    else:
+        raise ConfigError("lensflow sweep: give a FLOW with at least one --grid KEY=a,b,... or --file SWEEP.yaml")
+    sweeps.validate_points(spec)
+    preflight(load_config(spec.config, spec.set), lambda c: None)
+    _one_line_errors()
+    return _resolve("lensflow.flows.sweep:sweep_flow")(sweep=spec.model_dump())
 
 
 class _NoConfigErrors(logging.Filter):
@@ -68,11 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--run-id", default=None, help="MLflow run holding the trained soft prompts / tuned lens "
                                                      "(default: the latest finished run of the matching flow)")
     common(lens)
+    sweep = sub.add_parser("sweep", help="run a flow over a grid of config values, one nested MLflow run per point")
+    sweep.add_argument("flow", nargs="?", choices=sorted(FLOWS))
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=a,b,c",
+                       help="a config key and its values; the points are the product of every --grid (repeatable)")
+    sweep.add_argument("--file", help="a sweep file (flow, config, set, grid), e.g. conf/sweeps/fv_layer.yaml")
+    sweep.add_argument("--max-parallel", type=int, default=1, help="points running at once")
+    sweep.add_argument("--deployment", help="run points as runs of this Prefect deployment ('flow/deployment')")
+    common(sweep)
     show = sub.add_parser("config", help="print the resolved config")
     common(show)
     args = p.parse_args(argv)
 
     try:
+        if args.cmd == "sweep":
+            print(json.dumps(redact_tree(_sweep(args)), indent=2, default=str))
+            return 0
         conf = load_config(args.config, args.overrides)  # validate before anything starts
         if args.cmd == "config":
             print(json.dumps(redact_tree(conf.model_dump(mode="json")), indent=2))
@@ -80,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             preflight(conf, lambda c: check_inputs(args.flow, c))
             _one_line_errors()
-            result = _resolve(FLOWS[args.flow])(config=args.config, overrides=public_overrides(args.overrides))
+            result = resolve_flow(args.flow)(config=args.config, overrides=public_overrides(args.overrides))
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
         if args.lens == "future":

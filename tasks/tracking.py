@@ -37,6 +37,10 @@ _BATCH = 900  # log_batch accepts up to 1000 metrics per call
 HEARTBEAT = "lensflow.heartbeat"  # unix seconds of the run's last sign of life
 HEARTBEAT_S = "lensflow.heartbeat_s"  # the run's own heartbeat period
 CLOSED_BY = "lensflow.closed_by"  # on a stale run: which run closed it, and why
+PARENT = "mlflow.parentRunId"  # nests a run under another in the UI (a layer's job, a sweep's point)
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, judges); lensflow's runs are
+# training-style runs with metric charts
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow prints "View run ... at: <tracking URI>" on every set_terminated, credentials included; flow_run prints the
 # link itself, redacted. Read at each call, so this holds for Ray workers and Prefect deployments too.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -130,12 +134,15 @@ def experiment_id(uri: str, name: str) -> str:
     client = _Client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if not exp.tags.get("mlflow.experimentKind"):
+            for k, v in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database rather than in ./mlruns of whatever cwd
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifacts)
+        return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     except MlflowException:  # a concurrent run created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -153,6 +160,8 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
     exp = experiment_id(uri, conf.tracking.experiment)
     tags = {"flow": flow, "mlflow.source.git.commit": _git_commit(), "model.name": conf.model.name,
             HEARTBEAT: f"{time.time():.0f}", HEARTBEAT_S: f"{conf.tracking.heartbeat_s:g}"}
+    if conf.tracking.parent_run_id:
+        tags[PARENT] = conf.tracking.parent_run_id
     try:
         from prefect.runtime import flow_run as prefect_run
 
@@ -174,6 +183,38 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
     print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {where}")
     with _terminated(ref), _heartbeat(ref, conf.tracking.heartbeat_s):
         yield ref
+
+
+@contextmanager
+def sweep_run(conf: Config, flow: str, sweep_id: str, params: Mapping[str, object]) -> Iterator[RunRef]:
+    """The sweep's MLflow run, found again by its sweep id (a rerun reopens it) or created; its points' runs nest
+    under it. Alive (heartbeat) while the block runs, so the points' stale-run check leaves it open."""
+    uri = local_uri(conf.tracking.uri)
+    client = _Client(uri)
+    exp = experiment_id(uri, conf.tracking.experiment)
+    from lensflow.tasks.sweeps import SWEEP_ID
+
+    found = client.search_runs([exp], f"tags.`{SWEEP_ID}` = '{sweep_id}'", max_results=1)
+    beat = {HEARTBEAT: f"{time.time():.0f}", HEARTBEAT_S: f"{conf.tracking.heartbeat_s:g}"}
+    if found:
+        ref = RunRef(uri, exp, found[0].info.run_id)
+        client.update_run(ref.run_id, status="RUNNING")
+        set_tags(ref, beat)
+    else:
+        run = client.create_run(exp, run_name=f"sweep-{flow}-{sweep_id[:6]}",
+                                tags={"flow": "sweep", "lensflow.sweep_flow": flow, SWEEP_ID: sweep_id,
+                                      "mlflow.source.git.commit": _git_commit(), **beat})
+        ref = RunRef(uri, exp, run.info.run_id)
+        client.log_batch(ref.run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()])
+    print(f"MLflow sweep run {ref.run_id} (experiment '{conf.tracking.experiment}')")
+    with _terminated(ref), _heartbeat(ref, conf.tracking.heartbeat_s):
+        yield ref
+
+
+def finished_children(parent: RunRef) -> dict[str, dict[str, str]]:
+    """FINISHED runs nested under `parent`: run id -> params."""
+    runs = finished_runs(parent.tracking_uri, parent.experiment_id, {PARENT: parent.run_id})
+    return {r.info.run_id: r.data.params for r in runs}
 
 
 def close_stale(ref: RunRef, tc: TrackingConf) -> list[str]:
@@ -362,7 +403,7 @@ def check_reusable(tracking_uri: str, run_id: str, model_name: str, weights_hash
 def child_run(parent: RunRef, name: str, params: Mapping[str, object] | None = None) -> Iterator[RunRef]:
     """A nested run (e.g. one layer's training job), safe to open inside a Ray worker."""
     client = parent.client
-    run = client.create_run(parent.experiment_id, run_name=name, tags={"mlflow.parentRunId": parent.run_id})
+    run = client.create_run(parent.experiment_id, run_name=name, tags={PARENT: parent.run_id})
     ref = RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)
     if params:
         client.log_batch(ref.run_id, params=[Param(k, str(v)) for k, v in params.items()])
