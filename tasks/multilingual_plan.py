@@ -21,10 +21,12 @@ from lensflow.tasks.tracking import RunRef
 
 @dataclass(frozen=True)
 class MultilingualInputs:
-    corpus: dict[str, list[str]]  # language -> paragraphs, aligned by index
+    corpus: dict[str, list[str]]  # language -> the measured paragraphs, aligned by index
     pairs: list[tuple[str, str]]
     perm: np.ndarray  # unrelated baseline: paragraph i against paragraph perm[i] (a derangement)
     general: list[str]  # general text: SAE training (every token) and neuron calibration (the first prompts)
+    sae_text: dict[str, list[str]]  # language -> the paragraphs that train the SAE beside `general`, never measured
+    train_rows: list[int]  # their line indices in the parallel files (the same in every language)
 
     @property
     def n_paragraphs(self) -> int:
@@ -34,10 +36,24 @@ class MultilingualInputs:
 def load_inputs(conf: Config) -> MultilingualInputs:
     """Everything the run reads, loaded and checked before any store or run exists."""
     mc = conf.multilingual
-    corpus = load_parallel(mc.languages, mc.files, mc.max_paragraphs)
+    full = load_parallel(mc.languages, mc.files, mc.max_paragraphs)
     pairs = parse_pairs(mc.languages, mc.pairs)
     general = load_prompts(with_overrides(conf, {"data.max_prompts": mc.sae.train_prompts}).data)
-    return MultilingualInputs(corpus, pairs, derangement(len(corpus[mc.languages[0]]), mc.seed), general)
+    train = split_paragraphs(len(full[mc.languages[0]]), mc.sae.train_paragraphs, mc.seed)
+    corpus = {lang: [p for i, p in enumerate(paras) if i not in train] for lang, paras in full.items()}
+    sae_text = {lang: [paras[i] for i in train] for lang, paras in full.items()} if train else {}
+    return MultilingualInputs(corpus, pairs, derangement(len(corpus[mc.languages[0]]), mc.seed), general, sae_text,
+                              train)
+
+
+def split_paragraphs(n: int, n_train: int, seed: int) -> list[int]:
+    """The SAE-training paragraphs: a seeded choice of `n_train` of the `n` line indices, the same in every
+    language (sorted); the rest are measured, so every overlap and per-language FVE is on text the SAE never saw."""
+    if n - n_train < 2:
+        raise ConfigError(f"config key 'multilingual.sae.train_paragraphs': {n_train} of {n} parallel paragraphs "
+                          "leaves fewer than 2 to measure")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the baseline's derangement draws from `seed`
+    return sorted(int(i) for i in rng.choice(n, n_train, replace=False))
 
 
 def choose_layers(mc: MultilingualConf, n_layers: int) -> list[int]:
@@ -56,17 +72,21 @@ def store_confs(conf: Config, layers: list[int]) -> tuple[Config, Config]:
     return general, with_overrides(general, {"data.max_tokens": conf.multilingual.paragraph_tokens})
 
 
-def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, paragraphs: dict[str, Extraction],
-             layers: list[int], inputs: MultilingualInputs, run: RunRef | None) -> list[OverlapJob]:
-    """One job per resid layer: its SAE item keyed by the general store and the SAE settings, its overlap item
-    keyed by that SAE stage, the paragraph stores, the pairs and the baseline's seed."""
+def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, sae_text: dict[str, Extraction],
+             paragraphs: dict[str, Extraction], layers: list[int], inputs: MultilingualInputs,
+             run: RunRef | None) -> list[OverlapJob]:
+    """One job per resid layer: its SAE item keyed by the general store, each language's training-paragraph store
+    and the SAE settings; its overlap item keyed by that SAE stage, the measured paragraph stores, the pairs and
+    the baseline's seed."""
     mc, sc = conf.multilingual, conf.multilingual.sae
-    saes = sae_stage(conf.store.root, general.key, sc, mc.skip_first, mc.seed)
+    train_keys = {lang: ex.key for lang, ex in sae_text.items()}
+    saes = sae_stage(conf.store.root, general.key, sc, mc.skip_first, mc.seed, train_keys)
     overlaps = overlap_stage(conf.store.root, saes, {l: ex.key for l, ex in paragraphs.items()}, inputs.pairs, mc.seed)
     spec = TrainSpec(steps=sc.steps, batch_tokens=sc.batch_tokens, lr=sc.lr, l1=sc.l1, seed=mc.seed)
-    urls = {lang: ex.url for lang, ex in paragraphs.items()}
+    urls, train_urls = {l: ex.url for l, ex in paragraphs.items()}, {l: ex.url for l, ex in sae_text.items()}
     return [OverlapJob(SAEJob(saes, general.url, l, sc.expansion * info.d_model, sc.activation, sc.k, spec, sc.holdout,
-                              mc.skip_first, run), overlaps, urls, inputs.pairs, inputs.perm.tolist()) for l in layers]
+                              mc.skip_first, train_urls, sc.general_share, run), overlaps, urls, inputs.pairs,
+                       inputs.perm.tolist()) for l in layers]
 
 
 def sae_layers(conf: Config, jobs: list[OverlapJob]) -> list[SAELayerResult]:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lensflow.tasks import tracking
 from lensflow.tasks.extraction import Extraction
 from lensflow.tasks.models import ModelInfo
 from lensflow.tasks.neurons import NeuronOverlaps
-from lensflow.tasks.overlap import LayerOverlap, SAELayerResult
+from lensflow.tasks.overlap import LayerOverlap, PairOverlap, SAELayerResult
 from lensflow.tasks.plots import layer_curves
 from lensflow.tasks.tracking import RunRef
+
+if TYPE_CHECKING:
+    from lensflow.tasks.multilingual_plan import MultilingualInputs
 
 KINDS = ("translated", "unrelated")
 
@@ -22,11 +26,15 @@ class Summary:
     """The run's outcome and what it computed (zero / empty everywhere when every stage was found)."""
 
     layers: list[int]
-    paragraphs: int
+    paragraphs: int  # measured per language
+    train_rows: list[int]  # parallel-file lines that trained the SAEs (every language), never measured
     gap: dict[int, float]  # SAE features, per resid layer
     neurons_gap: dict[int, float]  # MLP neurons, per block
-    fve: dict[int, float]
+    fve: dict[int, float]  # held-out general text
+    fve_lang: dict[str, dict[int, float]]  # language -> layer -> FVE on its measured paragraphs (never trained on)
     l0: dict[int, float]
+    peak_pairs: dict[str, PairOverlap]  # SAE overlaps per pair at the peak layer
+    neurons_peak_pairs: dict[str, PairOverlap]  # neuron overlaps per pair at the peak block (empty without neurons)
     sae_trained: list[int]  # layers whose SAE this run trained
     overlaps_measured: list[int]  # layers whose SAE overlaps this run measured
     neuron_stages_computed: int
@@ -44,13 +52,22 @@ class Summary:
 
     def text(self) -> str:
         peak, npeak = self.peak_layer, self.neurons_peak_block
-        return (self.table + f"largest translated-unrelated gap: SAE resid layer {peak} ({self.gap[peak]:+.3f})"
-                + (f", neurons block {npeak} ({self.neurons_gap[npeak]:+.3f})" if npeak is not None else ""))
+
+        def per_pair(pairs: dict[str, PairOverlap]) -> str:
+            return ", ".join(f"{p} {v.gap:+.3f} ({v.gap / v.gap_se:.1f} SE)" for p, v in pairs.items())
+
+        neurons = (f"; neurons block {npeak} ({self.neurons_gap[npeak]:+.3f}: {per_pair(self.neurons_peak_pairs)})"
+                   if npeak is not None else "")
+        return (self.table + f"largest translated-unrelated gap: SAE resid layer {peak} ({self.gap[peak]:+.3f}: "
+                f"{per_pair(self.peak_pairs)})" + neurons)
 
     def as_dict(self, run_id: str) -> dict:
-        return {"run_id": run_id, "layers": self.layers, "paragraphs": self.paragraphs, "peak_layer": self.peak_layer,
+        return {"run_id": run_id, "layers": self.layers, "paragraphs": self.paragraphs, "train_rows": self.train_rows,
+                "peak_layer": self.peak_layer,
                 "neurons_peak_block": self.neurons_peak_block, "gap": self.gap, "neurons_gap": self.neurons_gap,
-                "fve": self.fve, "l0": self.l0, "sae_trained": self.sae_trained,
+                "fve": self.fve, "fve_lang": self.fve_lang, "l0": self.l0, "sae_trained": self.sae_trained,
+                "peak_gap_se": {p: v.gap_se for p, v in self.peak_pairs.items()},
+                "neurons_peak_gap_se": {p: v.gap_se for p, v in self.neurons_peak_pairs.items()},
                 "overlaps_measured": self.overlaps_measured, "neuron_stages_computed": self.neuron_stages_computed,
                 "chunks_computed": self.chunks_computed, "wall_s": self.wall_s}
 
@@ -73,17 +90,20 @@ def overlap_figure(per_layer: dict[int, LayerOverlap], title: str):
 
 
 def table(results: dict[int, SAELayerResult], gaps: dict[int, float], ngaps: dict[int, float]) -> str:
-    rows = ["| layer | SAE FVE (held-out) | SAE L0 | dead | SAE gap | neuron gap (block layer-1) |",
-            "|---|---|---|---|---|---|"]
+    """Per resid layer: SAE quality (FVE on held-out general text, then on each language's measured paragraphs,
+    which no SAE trained on), L0, dead features, and the SAE and neuron gaps."""
+    langs = list(next(iter(results.values())).fve_lang)
+    rows = [f"| layer | SAE FVE general | {' | '.join(f'FVE {l}' for l in langs)} | SAE L0 | dead | SAE gap | "
+            "neuron gap (block layer-1) |", "|---" * (len(langs) + 6) + "|"]
     for l, r in results.items():
         ng = ngaps.get(l - 1)
-        rows.append(f"| {l} | {r.sae.fve:.3f} | {r.sae.l0:.1f} | {r.sae.dead:.2f} | {gaps[l]:+.3f} | "
-                    f"{'' if ng is None else f'{ng:+.3f}'} |")
+        rows.append(f"| {l} | {r.sae.fve:.3f} | {' | '.join(f'{r.fve_lang[x]:.3f}' for x in langs)} | {r.sae.l0:.1f} | "
+                    f"{r.sae.dead:.2f} | {gaps[l]:+.3f} | {'' if ng is None else f'{ng:+.3f}'} |")
     return "\n".join(rows) + "\n"
 
 
 def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], results: list[SAELayerResult],
-                neurons: NeuronOverlaps | None, n_paragraphs: int, t0: float) -> Summary:
+                neurons: NeuronOverlaps | None, inputs: MultilingualInputs, t0: float) -> Summary:
     """Log every per-layer metric, the figures and the table; the summary counts what this run computed, over the
     stores ({label: extraction}) too. `t0` is the flow's start (perf_counter) for wall_s."""
     by_layer = {r.layer: r for r in results}
@@ -108,13 +128,19 @@ def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], res
                                           f"{info.name}: SAE quality"), "plots/multilingual_sae_fve.png")
     text = table(by_layer, gaps, ngaps)
     tracking.log_text(run, text, "multilingual.md")
+    peak = max(gaps, key=gaps.get)
+    npeak = max(ngaps, key=ngaps.get) if ngaps else None
     summary = Summary(
-        list(by_layer), n_paragraphs, gaps, ngaps, fve["held-out general text"],
-        {l: r.sae.l0 for l, r in by_layer.items()},
+        list(by_layer), inputs.n_paragraphs, inputs.train_rows, gaps, ngaps, fve["held-out general text"],
+        {x: fve[x] for x in langs},
+        {l: r.sae.l0 for l, r in by_layer.items()}, sae_overlaps[peak].pairs,
+        neurons.blocks[npeak].pairs if npeak is not None else {},
         [l for l, r in by_layer.items() if r.trained], [l for l, r in by_layer.items() if r.measured],
         neurons.computed if neurons else 0, sum(ex.chunks_computed for ex in stores.values()), time.perf_counter() - t0,
         text)
     tracking.log_metrics(run, {"multilingual.peak_layer": summary.peak_layer,
                                "multilingual.neurons.peak_block": summary.neurons_peak_block,
-                               "multilingual.paragraphs": n_paragraphs, "multilingual.wall_s": summary.wall_s})
+                               "multilingual.paragraphs": inputs.n_paragraphs,
+                               "multilingual.sae.train_paragraphs": len(inputs.train_rows),
+                               "multilingual.wall_s": summary.wall_s})
     return summary

@@ -155,7 +155,7 @@ class SAELayerResult:
 
     layer: int
     sae: SAEMetrics  # held-out general text
-    fve_lang: dict[str, float]  # reconstruction of each language's paragraphs
+    fve_lang: dict[str, float]  # FVE on each language's measured paragraphs, which the SAE never trained on
     overlap: LayerOverlap
     sae_run_id: str | None  # the child run that logged the SAE's training
     trained: bool  # the SAE was trained by this run

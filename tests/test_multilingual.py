@@ -17,8 +17,9 @@ from lensflow.tasks.data.parallel import load_parallel
 from lensflow.tasks.config import MultilingualConf
 from lensflow.tasks.overlap import OverlapJob, active_sets, derangement, jaccard, overlap_stage, pair_overlaps, \
     sae_active_sets, sae_layer
-from lensflow.tasks.sae import SAEJob, SparseAutoencoder, TrainSpec, evaluate, loss_terms, sae_stage, token_blocks, \
-    train, train_sae
+from lensflow.tasks.sae import SAEJob, SparseAutoencoder, TrainSpec, evaluate, loss_terms, mixed_blocks, sae_stage, \
+    token_blocks, train, train_sae
+from lensflow.tasks.stages import digest
 
 
 
@@ -140,6 +141,29 @@ def test_training_reduces_reconstruction_loss(activation):
     assert float(mse) == pytest.approx(after["mse"] / 16 / float(sae.scale) ** 2, rel=1e-4)
 
 
+def test_mixed_blocks_give_each_source_its_share_repeating_the_small_one():
+    big = np.stack([np.zeros(300), np.arange(300)], 1).astype(np.float32)  # column 0: source, column 1: position
+    small = np.stack([np.ones(5), np.arange(5)], 1).astype(np.float32)
+    calls = []
+
+    def stream(data, size):
+        def make():
+            calls.append(int(data[0, 0]))
+            return iter([data[i:i + size] for i in range(0, len(data), size)] + [data[:0]])  # an empty block too
+        return make
+
+    gen = mixed_blocks([stream(big, 40), stream(small, 2), stream(big, 40)], [0.75, 0.25, 0.0], block_tokens=16)
+    blocks = [next(gen) for _ in range(10)]
+    assert all(len(b) == 16 for b in blocks)
+    rows = np.concatenate(blocks)
+    got_big, got_small = rows[rows[:, 0] == 0, 1], rows[rows[:, 0] == 1, 1]
+    assert len(got_big) == 120 and len(got_small) == 40  # 3/4 and 1/4 of every block
+    assert got_big.tolist() == list(range(120)) and got_small.tolist() == [i % 5 for i in range(40)]
+    assert calls == [0, 1, *[1] * 7]  # the zero-share source is never read; the small one restarted every 5 tokens
+    with pytest.raises(ValueError, match="has no tokens"):
+        next(mixed_blocks([stream(big, 40), lambda: iter([big[:0]])], [0.5, 0.5], 16))
+
+
 def test_state_round_trip():
     sae = SparseAutoencoder(8, 24, "topk", k=3, seed=3)
     sae.fit_input(torch.randn(10, 8) * 5)
@@ -156,7 +180,7 @@ def _tiny_store(tmp_path, acts: np.ndarray, lengths: list[int], chunk: int = 2, 
     spec = store.StoreSpec(n=n, max_tokens=t, d_model=d, n_heads=1, head_dim=d, layers=[5], blocks=[], positions="all",
                            sites=["resid"], dtype="float32", chunk_size=chunk, compression_level=1, attrs={"fingerprint": "x"})
     url = str(tmp_path / name)
-    store.create(url, spec, [f"t{i}" for i in range(n)])
+    store.create(url, spec, [f"{name} text {i}" for i in range(n)])
     for c in range(spec.n_chunks):
         rows = spec.rows(c)
         ids = np.full((rows.stop - rows.start, t), -1, dtype=np.int32)
@@ -187,12 +211,13 @@ def test_sae_sets_and_token_stream_from_store_skip_padding_and_first_token(tmp_p
 
 # ---------------------------------------------------------------- per-layer stages: SAE, then its overlaps
 
-def _sparse_store(tmp_path, name: str, n: int, seed: int) -> tuple[store.Activations, np.ndarray, list[int]]:
+def _sparse_store(tmp_path, name: str, n: int, seed: int, chunk: int = 2) -> tuple[store.Activations, np.ndarray,
+                                                                                  list[int]]:
     """A store (layer 5) of rows that are sparse sums of one shared dictionary, with ragged lengths."""
     rng = np.random.default_rng(seed)
     lengths = [int(x) for x in rng.integers(3, 7, n)]
     acts = _sparse_data(n * 6, d=8, atoms=12, active=2, seed=seed).reshape(n, 6, 8)
-    return _tiny_store(tmp_path, acts, lengths, name=name), acts, lengths
+    return _tiny_store(tmp_path, acts, lengths, chunk, name), acts, lengths
 
 
 def _sae_job(tmp_path, url: str, k: int = 2) -> SAEJob:
@@ -216,6 +241,35 @@ def test_sae_is_published_once_and_found_again_with_its_held_out_metrics(tmp_pat
     fve = 1 - ((held - x_hat) ** 2).sum() / ((held - held.mean(0)) ** 2).sum()
     assert again.metrics.fve == pytest.approx(fve, rel=1e-6) and again.metrics.tokens == len(held)
     assert again.metrics.l0 <= 2
+
+
+def test_a_language_mixed_into_training_is_reconstructed_on_its_unseen_rows(tmp_path):
+    """General text and 'fr' are sparse codes over two different dictionaries: an SAE trained on general text alone
+    explains little of fr's held-out rows, one with fr's training store mixed in explains most of it."""
+    general, _, _ = _sparse_store(tmp_path, "general", 24, seed=1, chunk=6)  # few zarr reads per pass
+    fr_train, fr_data, fr_len = _sparse_store(tmp_path, "fr_train", 16, seed=7, chunk=8)
+    more = _sparse_data(16 * 6 + 48, d=8, atoms=12, active=2, seed=7)  # the same dictionary, 48 further rows
+    assert np.array_equal(more[:96], fr_data.reshape(96, 8))
+    unseen = more[96:].reshape(8, 6, 8)
+    sc = MultilingualConf.SAE(k=2, expansion=6, steps=300, batch_tokens=32, lr=1e-2, holdout=0.25, general_share=0.5)
+
+    def job(languages):
+        stage = sae_stage(str(tmp_path / "stages"), "g", sc, True, 0, {l: f"{l}-key" for l in languages})
+        return SAEJob(stage, general.url, 5, 48, "topk", 2, TrainSpec(300, 32, 1e-2, sc.l1, 0), 0.25, True,
+                      languages, sc.general_share)
+
+    fve = {}
+    for name, languages in (("alone", {}), ("mixed", {"fr": fr_train.url})):
+        sae = train_sae(job(languages)).sae
+        held = unseen[:, 1:].reshape(-1, 8)
+        with torch.no_grad():
+            x_hat = sae(torch.from_numpy(held))[0].double().numpy()
+        fve[name] = 1 - ((held - x_hat) ** 2).sum() / ((held - held.mean(0)) ** 2).sum()
+    assert fve["mixed"] > 0.8 and fve["alone"] < fve["mixed"] - 0.2, fve
+    trained_on = job({"fr": fr_train.url}).stage.load("layer_05").meta["trained_on"]
+    assert trained_on["fr"] == {"texts": digest([f"fr_train text {i}" for i in range(16)]),
+                                "tokens": sum(fr_len) - 16, "share": 0.5}
+    assert trained_on["general"]["tokens"] == sum(general.lengths[:18]) - 18 and trained_on["general"]["share"] == 0.5
 
 
 def test_sae_layer_measures_overlaps_once_against_python_sets(tmp_path):

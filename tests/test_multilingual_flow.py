@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from lensflow.tasks.config import ModelConf
 from lensflow.tasks.models import load_model
 from lensflow.tasks.sae import SparseAutoencoder
-from lensflow.tasks.stages import Item, Stage
+from lensflow.tasks.stages import Item, Stage, digest
 from lensflow.tasks.tracking import load_tensors, local_uri
 
 EN = ["The cat sleeps on the warm mat.", "We walked to the market in the rain.", "Bread needs flour, water and salt.",
@@ -32,6 +32,7 @@ FR = ["Le chat dort sur le tapis chaud.", "Nous sommes allés au marché sous la
       "Le train part à sept heures demain.", "Ma soeur joue bien du violon.", "La neige couvrait le village calme."]
 LAYERS = [0, 2, 4]  # of tiny-llama's resid layers 0..4; neurons at blocks 1 and 3
 STEPS = 500  # per SAE: about a second in a one-thread Ray worker, so the kill lands between layers
+TRAIN_PARAGRAPHS = 2  # of the 6 per language train the SAEs; the other 4 are measured
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def settings(tmp_path_factory, tracking_uri):
             "store.chunk_size=4", "multilingual.languages=[en, fr]",
             f"multilingual.files={{en: {files['en']}, fr: {files['fr']}}}", "multilingual.paragraph_tokens=48",
             "multilingual.layers=[0, 2, 4]", "multilingual.sae.train_prompts=16", f"multilingual.sae.steps={STEPS}",
+            f"multilingual.sae.train_paragraphs={TRAIN_PARAGRAPHS}",
             "multilingual.sae.batch_tokens=16", "multilingual.sae.k=4", "multilingual.neurons.calibration_prompts=8"]
 
     def overrides(root: Path, *extra: str) -> list[str]:
@@ -79,7 +81,7 @@ def _children(client: MlflowClient, run) -> list:
 
 def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking_uri):
     root, out = clean
-    assert out["layers"] == LAYERS and out["paragraphs"] == 6
+    assert out["layers"] == LAYERS and out["paragraphs"] == len(EN) - TRAIN_PARAGRAPHS
     assert out["sae_trained"] == LAYERS and out["overlaps_measured"] == LAYERS and out["neuron_stages_computed"] == 3
     client = MlflowClient(local_uri(tracking_uri))
     run = client.get_run(out["run_id"])
@@ -104,19 +106,36 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     fve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "multilingual.sae.fve")}
     assert sorted(fve) == LAYERS and published.meta["metrics"]["fve"] == pytest.approx(fve[2])
 
-    # independent check at resid layer 2: that SAE on a plain HF forward of each paragraph (no padding, no store)
+    # independent check at resid layer 2: that SAE on a plain HF forward of each measured paragraph (no padding, no
+    # store); the paragraphs it trained on are the others, as its published item records
+    rows = out["train_rows"]
+    trained = {lang: [p for i, p in enumerate(paras) if i in rows] for lang, paras in (("en", EN), ("fr", FR))}
+    measured = {lang: [p for i, p in enumerate(paras) if i not in rows] for lang, paras in (("en", EN), ("fr", FR))}
+    assert len(rows) == TRAIN_PARAGRAPHS and all(not set(trained[l]) & set(measured[l]) for l in trained)
     sae = SparseAutoencoder.from_state(logged)
     lm = load_model(ModelConf(name="tiny-llama"))
-    feats = {}
-    for lang, paras in (("en", EN), ("fr", FR)):
-        feats[lang] = []
-        for text in paras:
+    feats, fve_by_hand, tokens = {}, {}, {}
+    for lang in ("en", "fr"):
+        feats[lang], states = [], []
+        for text in measured[lang]:
             ids = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=48)["input_ids"]
             with torch.no_grad():
                 h = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[2][0, 1:]
                 feats[lang].append(set(torch.nonzero(sae.encode(h) > 0)[:, 1].tolist()))
+            states.append(h)
+        x = torch.cat(states).double()
+        with torch.no_grad():
+            x_hat = sae(x.float())[0].double()
+        fve_by_hand[lang] = float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        tokens[lang] = sum(len(lm.tokenizer(t, truncation=True, max_length=48)["input_ids"]) - 1 for t in trained[lang])
     ref = np.mean([len(a & b) / len(a | b) for a, b in zip(feats["en"], feats["fr"])])
     assert hist[2] == pytest.approx(ref, abs=1e-6)
+    for lang in ("en", "fr"):  # per-language FVE: every layer, and at layer 2 the measured paragraphs' by hand
+        lang_fve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"multilingual.sae.fve.{lang}")}
+        assert sorted(lang_fve) == LAYERS and out["fve_lang"][lang] == pytest.approx(lang_fve)
+        assert lang_fve[2] == pytest.approx(fve_by_hand[lang], abs=1e-4)
+        on = published.meta["trained_on"][lang]
+        assert on["texts"] == digest(trained[lang]) and on["tokens"] == tokens[lang] and on["share"] > 0
 
 
 def test_rerun_computes_nothing_and_a_new_k_retrains_only_the_saes(clean, settings, tracking_uri):

@@ -93,7 +93,8 @@ def test_neuron_overlaps_rerun_asks_the_model_nothing_and_a_changed_language_rec
     en.write_text("\n".join(TEXTS[:4]) + "\n")
     fr.write_text("\n".join(TEXTS[1:5]) + "\n")
     args = ["multilingual.languages=[en, fr]", f"multilingual.files={{en: {en}, fr: {fr}}}",
-            "multilingual.sae.train_prompts=6", "multilingual.neurons.calibration_prompts=4"]
+            "multilingual.sae.train_prompts=6", "multilingual.sae.train_paragraphs=0",
+            "multilingual.neurons.calibration_prompts=4"]
     conf = make_conf(*args)
     inputs = load_inputs(conf)
     first = neuron_overlaps(conf, LocalPool(lm), [0, 2, 4], inputs)
