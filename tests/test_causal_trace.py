@@ -18,6 +18,7 @@ from lensflow.tasks.causal_trace_facts import FACTS_FILE, Fact, encode_fact, loa
 from lensflow.tasks.causal_trace_report import GROUPS, average_effects, token_groups
 from lensflow.tasks.config import ConfigError, ModelConf
 from lensflow.tasks.models import load_model
+from lensflow.tasks.metric_names import metric_key
 
 SETTINGS = TraceSettings(samples=3, noise_scale=3.0, window=3, seed=0, batch_tokens=4096)
 SHARPEN = {"llama": 5.0, "gpt2": 10.0}  # final-norm gain: a random tiny model's answer probability then moves a lot
@@ -180,10 +181,10 @@ def test_flow_end_to_end(ray_session, prefect_harness, make_conf, tmp_path, trac
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(out["run_id"])
-    assert run.info.status == "FINISHED" and run.data.metrics["causal_trace.n_traced"] == 3
+    assert run.info.status == "FINISHED" and run.data.metrics[metric_key("causal_trace.n_traced")] == 3
     for site, n in (("resid", lm.n_layers + 1), ("mlp", lm.n_layers), ("attn", lm.n_layers)):
         for group in ("last_subject_token", "last_token"):
-            hist = client.get_metric_history(out["run_id"], f"causal_trace.{site}.aie.{group}")
+            hist = client.get_metric_history(out["run_id"], metric_key(f"causal_trace.{site}.aie.{group}"))
             curve = expected.curve(site, group)
             assert sorted((m.step, round(m.value, 5)) for m in hist) == [(l, round(float(curve[l]), 5)) for l in range(n)]
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}

@@ -21,6 +21,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from loopback import BIN, answers, free_port, kill_tree, wait_until
+from lensflow.tasks.metric_names import metric_key
 
 REPO = Path(__file__).resolve().parents[1]
 POOL, NIGHTLY = "lensflow-gpu", "extract/lensflow-extract"
@@ -138,7 +139,7 @@ def test_worker_runs_the_deployment_with_its_parameters(deployed):
     (mlrun,) = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{run_id}'")
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.params["model.name"] == "tiny-llama" and mlrun.data.params["data.max_prompts"] == str(prompts)
-    assert mlrun.data.metrics["extract.prompts.n_prompts"] == prompts
+    assert mlrun.data.metrics[metric_key("extract.prompts.n_prompts")] == prompts
 
 
 def test_progress_artifact_reaches_100(deployed):
@@ -160,3 +161,29 @@ def test_second_run_waits_for_the_first(deployed):
     first, second = flow_run(server, first_id), flow_run(server, held_id)
     assert second["state"]["type"] == "COMPLETED", second["state"]
     assert datetime.fromisoformat(second["start_time"]) >= datetime.fromisoformat(first["end_time"])
+
+
+def test_sweep_runs_its_points_as_deployment_runs(deployed):
+    """`lensflow sweep --deployment`: each point is a run of the deployment, executed by the pool's worker, and
+    its MLflow run is nested under the sweep's run."""
+    server, tmp, *_ = deployed
+    log = (tmp / "worker-sweep.log").open("w")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL], cwd=REPO, env=server.env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sets = [a for o in tiny_params(tmp, 8)["overrides"] for a in ("--set", o)]
+        cmd = [str(BIN / "lensflow"), "sweep", "extract", "--grid", "store.chunk_size=4,8", "--deployment", NIGHTLY,
+               *sets]
+        done = subprocess.run(cmd, cwd=REPO, env=server.env, capture_output=True, text=True, timeout=420)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        kill_tree(worker.pid, signal.SIGTERM)
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, "tags.flow = 'sweep'")
+    points = client.search_runs(experiments, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(p.data.params["store.chunk_size"] for p in points) == ["4", "8"]
+    nightly = next(d for d in server.post("/deployments/filter") if d["name"] == "lensflow-extract")
+    for p in points:
+        assert p.info.status == "FINISHED"
+        assert flow_run(server, p.data.tags["prefect.flow_run_id"])["deployment_id"] == nightly["id"]

@@ -6,6 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from lensflow.flows.extract import extract_flow
 from lensflow.tasks import store
+from lensflow.tasks.metric_names import metric_key
 
 
 def test_extract_flow_logs_run(ray_session, prefect_harness, tmp_path, tracking_uri):
@@ -20,8 +21,8 @@ def test_extract_flow_logs_run(ray_session, prefect_harness, tmp_path, tracking_
     assert run.data.tags["store.prompts"] == out["store"]
     assert run.data.tags["model.weights_hash"] == acts.attrs["weights_hash"]
     assert len(run.data.tags["mlflow.source.git.commit"]) >= 7
-    assert run.data.metrics["extract.prompts.n_prompts"] == 20 and run.data.metrics["extract.prompts.chunks_computed"] == 3
-    assert run.data.metrics["extract.prompts.tokens_per_s"] > 0
+    assert run.data.metrics[metric_key("extract.prompts.n_prompts")] == 20 and run.data.metrics[metric_key("extract.prompts.chunks_computed")] == 3
+    assert run.data.metrics[metric_key("extract.prompts.tokens_per_s")] > 0
 
     again = extract_flow(config="conf/default.yaml", overrides=overrides)  # same config: nothing recomputed
     assert again["store"] == out["store"] and again["chunks_computed"] == 0 and again["chunks_resumed"] == 3

@@ -13,6 +13,7 @@ import torch
 from lensflow.tasks.function_vectors import function_vector, indirect_effects, last_token_logits, mean_head_outputs
 from lensflow.tasks.icl import Template, answer_token, available_icl_tasks, demonstrations, load_pairs, \
     scored_prompt, split
+from lensflow.tasks.metric_names import metric_key
 
 
 @pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
@@ -186,20 +187,20 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     metrics = run.data.metrics
     for icl_task in ("antonym", "country_capital"):
         for kind in ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv"):
-            assert 0.0 <= metrics[f"fv.{icl_task}.{kind}.acc"] <= 1.0
-    assert metrics["fv.mean.zero_shot.acc"] == pytest.approx(
-        (metrics["fv.antonym.zero_shot.acc"] + metrics["fv.country_capital.zero_shot.acc"]) / 2)
+            assert 0.0 <= metrics[metric_key(f"fv.{icl_task}.{kind}.acc")] <= 1.0
+    assert metrics[metric_key("fv.mean.zero_shot.acc")] == pytest.approx(
+        (metrics[metric_key("fv.antonym.zero_shot.acc")] + metrics[metric_key("fv.country_capital.zero_shot.acc")]) / 2)
     for pair in ("antonym->antonym_french", "antonym_french->antonym"):
         for kind in ("icl", "zero_shot", "zero_shot_own_fv", "zero_shot_fv"):
-            logged = metrics[f"fv.transfer.{pair.replace('->', '__to__')}.{kind}.acc"]
+            logged = metrics[metric_key(f"fv.transfer.{pair.replace('->', '__to__')}.{kind}.acc")]
             assert logged == out["transfer"][pair][f"{kind}.acc"]
     # the reverse transfer's target is an evaluated ICL task: its own-vector reference is the evaluation's number
-    own = metrics["fv.transfer.antonym_french__to__antonym.zero_shot_own_fv.acc"]
-    assert own == metrics["fv.antonym.zero_shot_fv.acc"]
-    assert sorted(m.step for m in client.get_metric_history(run_id, "fv.layer_sweep.zero_shot_fv.acc")) == [0, 2]
+    own = metrics[metric_key("fv.transfer.antonym_french__to__antonym.zero_shot_own_fv.acc")]
+    assert own == metrics[metric_key("fv.antonym.zero_shot_fv.acc")]
+    assert sorted(m.step for m in client.get_metric_history(run_id, metric_key("fv.layer_sweep.zero_shot_fv.acc"))) == [0, 2]
     # layer=auto: the logged validation curve's best layer (the earliest of equals) is the layer used
-    valid = {m.step: m.value for m in client.get_metric_history(run_id, "fv.layer_valid.zero_shot_fv.acc")}
-    assert sorted(valid) == [0, 2] and metrics["fv.layer"] == out["layer"]
+    valid = {m.step: m.value for m in client.get_metric_history(run_id, metric_key("fv.layer_valid.zero_shot_fv.acc"))}
+    assert sorted(valid) == [0, 2] and metrics[metric_key("fv.layer")] == out["layer"]
     assert out["layer"] == min(layer for layer, v in valid.items() if v == max(valid.values()))
     assert run.data.tags["fv.layer_choice"] == "auto"
 

@@ -14,6 +14,7 @@ from lensflow.tasks.hooks import Read, trace
 from lensflow.tasks.lens_report import load_translators, save_translators
 from lensflow.tasks.lenses import (LensTargets, Readout, Translator, evaluate, final_targets, grid_cells, kl_and_top1,
                                    prompt_states, token_batches, train_translator)
+from lensflow.tasks.metric_names import metric_key
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "1 2 3 4 5 6"]
 
@@ -208,7 +209,7 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     run_id = out["run_id"]
 
     def history(name, run=run_id):
-        return {m.step: m.value for m in client.get_metric_history(run, name)}
+        return {m.step: m.value for m in client.get_metric_history(run, metric_key(name))}
 
     kl = {lens: history(f"{lens}_lens.kl_to_final") for lens in ("logit", "tuned")}
     top1 = {lens: history(f"{lens}_lens.top1_agree") for lens in ("logit", "tuned")}
@@ -241,7 +242,7 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     children = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert sorted(int(c.data.tags["layer"]) for c in children) == [0, 1, 2, 3]  # the last layer is the identity
     for c in children:
-        assert len(client.get_metric_history(c.info.run_id, "train.kl")) >= 2
+        assert len(client.get_metric_history(c.info.run_id, metric_key("train.kl"))) >= 2
         assert os.path.isfile(c.data.tags["stage"])  # the child run names the published item
     arts = {a.path for folder in ("plots", "grids", "tuned_lens") for a in client.list_artifacts(run_id, folder)}
     assert {"plots/kl_to_final.png", "plots/top1_agree.png", "grids/logit_lens.png", "grids/tuned_lens.html",
@@ -249,14 +250,14 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
 
     again = logit_lens_flow(config="conf/default.yaml", overrides=overrides)  # every stage found
     assert (again["trained_layers"], again["evaluated_layers"], again["targets_chunks_computed"]) == (0, 0, 0)
-    assert client.get_run(again["run_id"]).data.metrics["extract.lenses.chunks_computed"] == 0
+    assert client.get_run(again["run_id"]).data.metrics[metric_key("extract.lenses.chunks_computed")] == 0
     assert again["per_layer"] == out["per_layer"]
     assert not client.search_runs([client.get_run(run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{again['run_id']}'")
 
     new_lr = logit_lens_flow(config="conf/default.yaml", overrides=[*overrides, "lenses.lr=1e-2"])
     assert (new_lr["trained_layers"], new_lr["evaluated_layers"], new_lr["targets_chunks_computed"]) == (4, 5, 0)
-    assert client.get_run(new_lr["run_id"]).data.metrics["extract.lenses.chunks_computed"] == 0
+    assert client.get_run(new_lr["run_id"]).data.metrics[metric_key("extract.lenses.chunks_computed")] == 0
     assert len(_published(root, "lenses/translators")) == 2 and len(_published(root, "lenses/targets")) == 1
     assert new_lr["per_layer"]["logit_lens.kl_to_final"] == pytest.approx(out["per_layer"]["logit_lens.kl_to_final"])
     assert new_lr["per_layer"]["tuned_lens.kl_to_final"][2] != out["per_layer"]["tuned_lens.kl_to_final"][2]

@@ -25,13 +25,14 @@ from lensflow.tasks.models import load_model
 from lensflow.tasks.sae import SparseAutoencoder
 from lensflow.tasks.stages import Item, Stage, digest
 from lensflow.tasks.tracking import load_tensors, local_uri
+from lensflow.tasks.metric_names import metric_key
 
 EN = ["The cat sleeps on the warm mat.", "We walked to the market in the rain.", "Bread needs flour, water and salt.",
       "The train leaves at seven tomorrow.", "My sister plays the violin well.", "Snow covered the quiet village."]
 FR = ["Le chat dort sur le tapis chaud.", "Nous sommes allés au marché sous la pluie.", "Le pain demande farine, eau et sel.",
       "Le train part à sept heures demain.", "Ma soeur joue bien du violon.", "La neige couvrait le village calme."]
 LAYERS = [0, 2, 4]  # of tiny-llama's resid layers 0..4; neurons at blocks 1 and 3
-STEPS = 500  # per SAE: about a second in a one-thread Ray worker, so the kill lands between layers
+STEPS = 1500  # per SAE: about 3 s in a one-thread Ray worker, so the kill lands between layers even when busy
 TRAIN_PARAGRAPHS = 2  # of the 6 per language train the SAEs; the other 4 are measured
 
 
@@ -85,14 +86,14 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     assert out["sae_trained"] == LAYERS and out["overlaps_measured"] == LAYERS and out["neuron_stages_computed"] == 3
     client = MlflowClient(local_uri(tracking_uri))
     run = client.get_run(out["run_id"])
-    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "multilingual.overlap.translated.en-fr")}
+    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric_key("multilingual.overlap.translated.en-fr"))}
     assert sorted(hist) == LAYERS
-    neuron_steps = client.get_metric_history(run.info.run_id, "multilingual.neurons.overlap.unrelated.en-fr")
+    neuron_steps = client.get_metric_history(run.info.run_id, metric_key("multilingual.neurons.overlap.unrelated.en-fr"))
     assert sorted(m.step for m in neuron_steps) == [1, 3]
     children = _children(client, run)
     assert len(children) == len(LAYERS)
     for child in children:
-        assert len(client.get_metric_history(child.info.run_id, "sae.loss")) == STEPS
+        assert len(client.get_metric_history(child.info.run_id, metric_key("sae.loss"))) == STEPS
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/multilingual_overlap_sae.png", "plots/multilingual_overlap_neurons.png"} <= arts
 
@@ -103,7 +104,7 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     published = _load(root, stored)
     assert logged.keys() == published.tensors.keys()
     assert all(torch.equal(logged[k], published.tensors[k]) for k in logged)
-    fve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "multilingual.sae.fve")}
+    fve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric_key("multilingual.sae.fve"))}
     assert sorted(fve) == LAYERS and published.meta["metrics"]["fve"] == pytest.approx(fve[2])
 
     # independent check at resid layer 2: that SAE on a plain HF forward of each measured paragraph (no padding, no
@@ -131,7 +132,7 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     ref = np.mean([len(a & b) / len(a | b) for a, b in zip(feats["en"], feats["fr"])])
     assert hist[2] == pytest.approx(ref, abs=1e-6)
     for lang in ("en", "fr"):  # per-language FVE: every layer, and at layer 2 the measured paragraphs' by hand
-        lang_fve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"multilingual.sae.fve.{lang}")}
+        lang_fve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric_key(f"multilingual.sae.fve.{lang}"))}
         assert sorted(lang_fve) == LAYERS and out["fve_lang"][lang] == pytest.approx(lang_fve)
         assert lang_fve[2] == pytest.approx(fve_by_hand[lang], abs=1e-4)
         on = published.meta["trained_on"][lang]

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from lensflow.flows import cli
 from lensflow.tasks import sweeps
 from lensflow.tasks.config import ConfigError
+from lensflow.tasks.metric_names import metric_key
 
 
 def tiny(tmp_path: Path, tracking_uri: str) -> list[str]:
@@ -63,13 +64,13 @@ def test_sweep_nests_points_shares_stages_and_resumes(ray_session, prefect_harne
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {
         a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"sweep_summary.md", "sweep_summary.json", "plots/sweep_comparison.png"} <= artifacts
-    kl = {c.info.run_id: [m.value for m in client.get_metric_history(c.info.run_id, "tuned_lens.kl_to_final")]
+    kl = {c.info.run_id: [m.value for m in client.get_metric_history(c.info.run_id, metric_key("tuned_lens.kl_to_final"))]
           for c in children}
     assert all(len(v) == 5 for v in kl.values())  # tiny-llama: resid layers 0-4
     best_kl = {rid: sum(v) / len(v) for rid, v in kl.items()}  # the mean over layers (layer 4 is 0 for every point)
     parent = client.get_run(parent.info.run_id)
     assert parent.data.tags["lensflow.sweep.best_run"] == min(best_kl, key=best_kl.get)
-    assert parent.data.metrics["sweep.best.tuned_lens.kl_to_final"] == pytest.approx(min(best_kl.values()))
+    assert parent.data.metrics[metric_key("sweep.best.tuned_lens.kl_to_final")] == pytest.approx(min(best_kl.values()))
     assert parent.info.status == "FINISHED"
     # the same sweep again: found by its id, nothing left to run, no new runs
     capsys.readouterr()
