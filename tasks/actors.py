@@ -1,18 +1,23 @@
 """Ray model actors (`ModelPool.map`) and model-free Ray remote functions (`map_remote`).
 
-Model work goes to long-lived actors (loading a model per task would dominate); Ray's own fault tolerance
-(max_restarts / max_task_retries) replaces a killed actor and re-runs the item it held, so callers see
-every item exactly once. Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks.
+Model work goes to long-lived actors (loading a model per task would dominate). Work goes only to actors that
+have started (a request no node can hold is refused before any model loads); an actor lost with its node has its
+items resubmitted to the actors that remain, while Ray restarts it wherever it fits, and it gets work again once
+it is back (a node that returns is used again). Every wait is bounded by ray.timeout_s and fails naming the stage.
+Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks, retried by Ray.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
 import torch
+from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, RayActorError
 
 from lensflow.tasks.config import Config, ConfigError, ModelConf, RayConf
 from lensflow.tasks.models import ModelInfo, describe
@@ -29,10 +34,24 @@ def connect(conf: RayConf) -> None:
         return
     env = {k: os.environ[k] for k in conf.env_vars if k in os.environ}  # an explicit list: no token by accident
     if conf.address:
+        check_answers(conf)  # ray.init retries a silent address for minutes
         ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         loopback_only()
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def check_answers(conf: RayConf) -> None:
+    """HOST:PORT and ray://HOST:PORT must accept a connection within ray.connect_timeout_s ("auto" is resolved by
+    Ray from RAY_ADDRESS or the cluster `ray start` left on this machine)."""
+    if conf.address == "auto":
+        return
+    host, _, port = conf.address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=conf.connect_timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"ray.address={conf.address}: nothing answers there within ray.connect_timeout_s="
+                          f"{conf.connect_timeout_s:g} ({exc.strerror or type(exc).__name__})") from None
 
 
 def loopback_only() -> None:
@@ -50,7 +69,7 @@ def _gpus(conf: RayConf) -> float:
     if conf.gpus_per_actor == "auto":
         return 1.0 if available >= 1 else 0.0
     if conf.gpus_per_actor > available:  # Ray would wait forever for GPUs that do not exist
-        raise ConfigError(f"ray.gpus_per_actor={conf.gpus_per_actor}: the cluster has {available} GPUs")
+        raise ConfigError(f"ray.gpus_per_actor={conf.gpus_per_actor:g}: the cluster has {available:g} GPUs")
     return float(conf.gpus_per_actor)
 
 
@@ -64,14 +83,42 @@ def placed_actors(conf: RayConf, gpus: float, nodes: list[dict]) -> int:
     return sum(fits(r) for r in nodes)
 
 
-def check_placement(conf: RayConf, gpus: float) -> None:
+def live_nodes() -> list[dict]:
+    """Resource dicts of the cluster's live nodes."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def describe_nodes(nodes: list[dict]) -> str:
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
+    return f"{len(nodes)} node(s): {have or 'none live'}"
+
+
+def check_placement(conf: RayConf, gpus: float, actors: int) -> None:
     """Ray waits forever, silently, for an actor no node can hold: refuse in one line before any model loads."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = live_nodes()
     placed = placed_actors(conf, gpus, nodes)
-    if placed < conf.actors:
-        have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no live nodes"
-        raise ConfigError(f"ray.actors={conf.actors} with ray.cpus_per_actor={conf.cpus_per_actor:g} and {gpus:g} GPU "
-                          f"each: the cluster can place {placed} ({len(nodes)} node(s): {have})")
+    if placed < actors:
+        raise ConfigError(f"ray.actors={actors} with ray.cpus_per_actor={conf.cpus_per_actor:g} and {gpus:g} GPU "
+                          f"each: the cluster can place {placed} ({describe_nodes(nodes)})")
+
+
+def check_task_fits(desc: str, num_cpus: float, num_gpus: float) -> None:
+    """A Ray task no live node can hold would wait forever: refuse in one line."""
+    nodes = live_nodes()
+    if not any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+        raise ConfigError(f"{desc}: each task asks for {num_cpus:g} CPU and {num_gpus:g} GPU; no node has that "
+                          f"({describe_nodes(nodes)})")
+
+
+def check_store_shared(conf: Config) -> None:
+    """Workers write stage outputs under store.root themselves: on a cluster of several nodes a local folder
+    would be each node's own disk (work silently scattered). An object store, or a folder declared shared."""
+    from lensflow.tasks.stages import is_remote
+
+    n = len(live_nodes())
+    if n > 1 and not is_remote(conf.store.root) and not conf.store.shared:
+        raise ConfigError(f"store.root={conf.store.root}: a local folder, and the Ray cluster has {n} nodes; use an "
+                          f"object store (s3://bucket/prefix) or set store.shared=true if every node mounts it there")
 
 
 def _to_cpu(x: Any) -> Any:
@@ -101,19 +148,37 @@ class ModelActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node id: answers once the model is loaded (again, after a restart)."""
+        return ray.get_runtime_context().get_node_id()
+
+
+LOST = (RayActorError, ObjectLostError)  # the actor (or the node holding its result) is gone: the item is redone
+RETRY_PROBE_S = 1.0  # how soon an actor that was unavailable is asked again whether it is back
+
 
 class ModelPool:
-    """ray.actors model actors, GPU each when the cluster has GPUs; use as a context manager."""
+    """ray.actors model actors, GPU each when the cluster has GPUs; use as a context manager.
+
+    Each actor is probed (`node`) until it answers: only actors that answered get work, so an actor Ray cannot
+    place (or restart) never holds items, and one that comes back after a restart is used again."""
 
     def __init__(self, conf: Config, size: int | None = None):
         connect(conf.ray)
         rc = conf.ray
         gpus = _gpus(rc)
-        check_placement(rc, gpus)
+        check_placement(rc, gpus, size or rc.actors)
+        check_store_shared(conf)
         threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
-        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=rc.max_restarts)
+        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=0)
         model = conf.model.model_dump()
+        self.timeout_s, self.max_restarts = rc.timeout_s, rc.max_restarts
         self.actors = [ModelActor.options(**opts).remote(model, threads) for _ in range(size or rc.actors)]
+        self.nodes: dict[int, str] = {}  # live actor -> its node id
+        self._probes: dict[ray.ObjectRef, int] = {}
+        self._retry_at: dict[int, float] = {}
+        for a in range(self.size):
+            self._probe(a)
         self._info: ModelInfo | None = None
 
     @property
@@ -126,32 +191,93 @@ class ModelPool:
             self._info = self.map(describe, [None], desc="describe model")[0]
         return self._info
 
+    def _probe(self, a: int) -> None:
+        self._probes[self.actors[a].node.remote()] = a
+
+    def _lost(self, a: int) -> None:
+        """Actor a failed an item: no more work until its probe answers (after Ray restarted it, if it can)."""
+        if self.nodes.pop(a, None) is not None and a not in self._probes.values():
+            self._probe(a)
+
+    def _answered(self, ref: ray.ObjectRef) -> bool:
+        """Whether the probed actor is up (it then gets work)."""
+        a = self._probes.pop(ref)
+        try:
+            node = ray.get(ref, timeout=self.timeout_s)
+        except ActorDiedError:  # out of restarts (or killed): gone for good
+            return False
+        except LOST:  # unavailable for now (its node is being declared dead): ask again shortly
+            self._retry_at[a] = time.monotonic() + RETRY_PROBE_S
+            return False
+        self.nodes[a] = node
+        print(f"model actor {a + 1}/{self.size} up on node {node[:8]} ({len(set(self.nodes.values()))} node(s) in use)")
+        return True
+
     def map(self, fn: Callable[..., T], items: Sequence[Any], desc: str = "", in_flight: int = 2) -> list[T]:
-        """fn(lm, item) for every item, order preserved; at most `in_flight` queued per actor."""
+        """fn(lm, item) for every item, order preserved; at most `in_flight` queued per live actor. Fails naming
+        `desc` when nothing finishes for ray.timeout_s or when every actor is gone for good."""
+        desc = desc or getattr(fn, "__name__", "work")
         results: list[Any] = [None] * len(items)
-        pending: dict[ray.ObjectRef, int] = {}
-        todo = list(enumerate(items))[::-1]
-        load = {i: 0 for i in range(self.size)}
-        owner: dict[ray.ObjectRef, int] = {}
+        pending: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (item, actor)
+        todo = list(range(len(items)))[::-1]
+        progressed = time.monotonic()  # an item finished or an actor came up
         with progress(len(items), desc or getattr(fn, "__name__", "work")) as bar:
             while todo or pending:
-                for a in range(self.size):
-                    while todo and load[a] < in_flight:
-                        i, item = todo.pop()
-                        ref = self.actors[a].call.remote(fn, item)
-                        pending[ref], owner[ref] = i, a
-                        load[a] += 1
-                done, _ = ray.wait(list(pending), num_returns=1)
+                self._reprobe()
+                self._submit(fn, items, todo, pending, in_flight)
+                if not pending and not self._probes and not self._retry_at:
+                    raise RuntimeError(f"{desc}: every model actor is gone (ray.max_restarts={self.max_restarts} "
+                                       f"used up); {len(todo)} of {len(items)} items not done")
+                left = progressed + self.timeout_s - time.monotonic()
+                done, _ = ray.wait([*pending, *self._probes], num_returns=1,
+                                   timeout=max(0.0, min(left, RETRY_PROBE_S) if self._retry_at else left))
+                if not done and time.monotonic() - progressed >= self.timeout_s:
+                    raise TimeoutError(f"{desc}: nothing finished in ray.timeout_s={self.timeout_s:g} s "
+                                       f"({len(self.nodes)} of {self.size} model actors up, {len(todo) + len(pending)} "
+                                       f"of {len(items)} items left; cluster {describe_nodes(live_nodes())})")
                 for ref in done:
-                    results[pending.pop(ref)] = ray.get(ref)
-                    load[owner.pop(ref)] -= 1
+                    if ref in self._probes:
+                        if self._answered(ref):
+                            progressed = time.monotonic()
+                        continue
+                    i, a = pending.pop(ref)
+                    try:
+                        results[i] = ray.get(ref, timeout=self.timeout_s)
+                    except LOST:
+                        todo.append(i)  # redone by an actor that is up
+                        self._lost(a)
+                        continue
+                    except GetTimeoutError:
+                        raise TimeoutError(f"{desc}: a finished item's result did not arrive in ray.timeout_s="
+                                           f"{self.timeout_s:g} s") from None
+                    progressed = time.monotonic()
                     bar.update(1)
         return results
+
+    def _reprobe(self) -> None:
+        now = time.monotonic()
+        for a, at in list(self._retry_at.items()):
+            if at <= now:
+                del self._retry_at[a]
+                self._probe(a)
+
+    def _submit(self, fn: Callable[..., Any], items: Sequence[Any], todo: list[int],
+                pending: dict[ray.ObjectRef, tuple[int, int]], in_flight: int) -> None:
+        """Top up every live actor to `in_flight` queued items."""
+        load = {a: 0 for a in self.nodes}
+        for _, a in pending.values():
+            if a in load:
+                load[a] += 1
+        for a in load:
+            while todo and load[a] < in_flight:
+                i = todo.pop()
+                pending[self.actors[a].call.remote(fn, items[i])] = (i, a)
+                load[a] += 1
 
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.actors, self.nodes, self._probes, self._retry_at = [], {}, {}, {}
 
     def __enter__(self) -> ModelPool:
         return self
@@ -161,9 +287,11 @@ class ModelPool:
 
 
 def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayConf, num_cpus: float = 1,
-              num_gpus: float = 0) -> list[T]:
-    """fn(item) as independent Ray tasks (retried if their worker dies), order preserved, with a progress bar."""
+               num_gpus: float = 0) -> list[T]:
+    """fn(item) as independent Ray tasks (retried if their worker or node dies), order preserved, with a progress
+    bar; fails naming `desc` when no task finishes for ray.timeout_s."""
     connect(conf)
+    check_task_fits(desc, num_cpus, num_gpus)
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=conf.max_restarts)(fn)
     refs = [remote.remote(item) for item in items]
     index = {ref: i for i, ref in enumerate(refs)}
@@ -171,7 +299,10 @@ def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayC
     waiting = list(refs)
     with progress(len(refs), desc, unit="task") as bar:
         while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            results[index[done[0]]] = ray.get(done[0])
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=conf.timeout_s)
+            if not done:
+                raise TimeoutError(f"{desc}: no task finished in ray.timeout_s={conf.timeout_s:g} s ({len(waiting)} "
+                                   f"of {len(refs)} left; cluster {describe_nodes(live_nodes())})")
+            results[index[done[0]]] = ray.get(done[0], timeout=conf.timeout_s)
             bar.update(1)
     return results

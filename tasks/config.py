@@ -77,6 +77,9 @@ class StoreConf(Section):
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)  # resid layers (0 = embeddings); None = all
     sites: list[Literal["resid", "attn_head"]] = Field(default=["resid"], min_length=1)
     compression_level: int = Field(default=3, ge=0, le=9)
+    # a local root that every Ray node mounts at the same path (NFS, ...): only then may a multi-node cluster use a
+    # local root; an object store (s3://...) needs no flag. Not part of any stage key.
+    shared: bool = False
 
     @field_validator("root")
     @classmethod
@@ -119,6 +122,10 @@ class RayConf(Section):
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto = 1 when the cluster has GPUs, else 0
     max_restarts: int = Field(default=3, ge=0)
     torch_threads: int | None = None  # per actor; None = cpus_per_actor
+    # the longest a stage waits with nothing finishing (a model actor starting, a work item, a Ray task) before
+    # it fails naming itself: covers model loads and the slowest item, never an unplaceable request
+    timeout_s: float = Field(default=1800.0, gt=0)
+    connect_timeout_s: float = Field(default=30.0, gt=0)  # ray.address must answer within this
     # environment variables copied from the driver to every Ray worker, by name (values are never logged): add
     # e.g. HF_TOKEN, MLFLOW_TRACKING_PASSWORD or AWS_SECRET_ACCESS_KEY where the cluster's workers need them
     env_vars: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = [

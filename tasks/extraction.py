@@ -91,7 +91,7 @@ def plan(conf: Config, texts: list[str], info: ModelInfo, label: str) -> tuple[S
     if bad:
         raise ConfigError(f"config key 'store.layers': {bad} out of range 0..{n_layers} for {info.name}")
     blocks = [l for l in layers if l < n_layers] if sc.layers is not None else list(range(n_layers))
-    params = {**sc.model_dump(mode="json", exclude={"root"}), "layers": layers, "max_tokens": conf.data.max_tokens,
+    params = {**sc.model_dump(mode="json", exclude={"root", "shared"}), "layers": layers, "max_tokens": conf.data.max_tokens,
               "texts": digest(texts)}
     stage = Stage.of(sc.root, "activations", info.id, params, version=VERSION)
     spec = store.StoreSpec(

@@ -6,6 +6,7 @@ projection, MLP, final norm and unembedding; every experiment reaches the model 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -52,7 +53,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LENSFLOW_CACHE", Path.home() / ".cache" / "lensflow"))
+    """This machine's converted-model cache: LENSFLOW_CACHE (ray.env_vars copies it to workers) or
+    ~/.cache/lensflow. On a node where that folder cannot be made (a path of the driver's machine), the node's
+    own temporary folder: every node converts once for itself and never needs the driver's disk."""
+    wanted = Path(os.environ.get("LENSFLOW_CACHE", Path.home() / ".cache" / "lensflow"))
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=wanted):
+            return wanted
+    except OSError:
+        return Path(tempfile.gettempdir()) / "lensflow-cache"
 
 
 def arch_for(model_type: str, name: str) -> ArchSpec:
@@ -259,15 +269,25 @@ def _embedded_gguf(name: str) -> Path:
 
 
 def embedded_dir(name: str) -> Path:
-    """Convert the embedded GGUF once (de-quantisation takes ~40 s) and cache plain safetensors for 0.1 s loads."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Convert the embedded GGUF once per machine (de-quantisation takes ~40 s) and cache plain safetensors for
+    0.1 s loads."""
     gguf = _embedded_gguf(name)
     target = cache_dir() / name
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{name}.lock").open("a") as lock:  # actors of one node convert once, not each
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").is_file():
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = target.name
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -279,10 +299,9 @@ def embedded_dir(name: str) -> Path:
     tok.save_pretrained(tmp)
     (tmp / "weights_hash").write_text(_file_hash(gguf))
     try:
-        tmp.rename(target)  # atomic: a concurrent converter either wins or finds the finished copy
+        tmp.rename(target)  # atomic: a converter on another machine sharing the cache wins or finds it
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def check_mappable(conf: ModelConf) -> int:

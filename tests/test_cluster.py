@@ -1,0 +1,273 @@
+"""Flows on a real two-node Ray cluster on this machine (tests/twonode.py): an S3 server as store.root and
+`mlflow server` with proxied artifacts as tracking.uri; the second node cannot see the driver's files. Results
+equal a local run's; losing the second node mid-run completes; nothing waits forever."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import zarr
+
+from loopback import MlflowServer, free_port
+from test_extraction import reference
+from twonode import S3Server, TwoNodeCluster, wait_for_nodes
+
+from lensflow.tasks import extraction, store
+from lensflow.tasks.actors import ModelPool, map_remote
+from lensflow.tasks.config import CONF_DIR, ConfigError, load_config
+from lensflow.tasks.data import builtin_texts
+
+pytestmark = pytest.mark.integration
+
+TINY = ["model.name=tiny-llama", "ray.actors=2", "data.max_tokens=16"]
+EXTRACT = [*TINY, "data.max_prompts=24", "store.chunk_size=4"]
+LENS = [*TINY, "store.chunk_size=4", "lenses.max_prompts=12", "lenses.heldout=0.25", "lenses.epochs=2",
+        "lenses.batch_tokens=32"]
+CONF = str(CONF_DIR / "default.yaml")  # the driver works in a temporary folder
+LOSS_PROMPTS, LOSS_CHUNK = 160, 2  # the node-loss run: 80 chunks, long enough to kill a node in the middle
+
+
+class Cluster:
+    """What the tests need of the running services."""
+
+    def __init__(self, nodes: TwoNodeCluster, s3: S3Server, mlflow: MlflowServer, local: dict):
+        self.nodes, self.s3, self.mlflow, self.local = nodes, s3, mlflow, local
+
+    def sets(self, root: str) -> list[str]:
+        return [f"ray.address={self.nodes.address}", f"store.root=s3://{self.s3.bucket}/{root}",
+                f"tracking.uri={self.mlflow.url}", "ray.timeout_s=60", "ray.connect_timeout_s=5"]
+
+
+# the item functions below travel by value: workers cannot import this test module (not even see its folder)
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def node_of(lm, item) -> str:
+    """An item that says which node ran it."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def nodes_in_use(pool: ModelPool, deadline: float) -> set[str]:
+    """Nodes that ran items, asked until both nodes answer (actors come up one by one) or the deadline."""
+    seen: set[str] = set()
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen = set(pool.map(node_of, list(range(8)), desc="where"))
+    return seen
+
+
+def sleep_item(lm, seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def needs_a_gpu(item: int) -> int:
+    return item
+
+
+def _local_runs(root: Path, tracking_uri: str) -> dict:
+    """The same work on a private local Ray: the reference every cluster result must equal."""
+    from lensflow.flows.extract import extract_flow
+    from lensflow.flows.logit_lens import logit_lens_flow
+
+    local = [f"store.root={root}", f"tracking.uri={tracking_uri}"]
+    out = {"extract": extract_flow(CONF, [*EXTRACT, *local]), "lens": logit_lens_flow(CONF, [*LENS, *local])}
+    conf = load_config(None, [*TINY, *local, f"data.max_prompts={LOSS_PROMPTS}", f"store.chunk_size={LOSS_CHUNK}"])
+    with ModelPool(conf) as pool:
+        out["loss_store"] = extraction.extract(conf, builtin_texts(LOSS_PROMPTS), pool, label="loss").url
+    ray.shutdown()
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory):
+    """Services start first (they boot while the local reference runs); one cluster for the whole module. The
+    driver works in a temporary folder that, like HOME and every test folder, the second node cannot see."""
+    folder = Path(tempfile.mkdtemp(prefix="lensflow-cluster-"))
+    base = tmp_path_factory.getbasetemp()
+    driver = tmp_path_factory.mktemp("driver")
+    s3, mlflow = S3Server(folder), MlflowServer(folder)
+    nodes = TwoNodeCluster(folder, hidden=[base, Path.home()], env=s3.env)
+    cwd = os.getcwd()
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            s3.start()
+            nodes.start()
+            threading.Thread(target=mlflow.start, daemon=True).start()
+            request.getfixturevalue("prefect_harness")
+            if ray.is_initialized():
+                ray.shutdown()
+            os.chdir(driver)
+            local = _local_runs(driver / "store", f"sqlite:///{driver / 'mlflow.db'}")
+            for k, v in {**s3.env, **nodes.env}.items():
+                mp.setenv(k, v)
+            s3.wait()
+            nodes.wait()
+            from loopback import answers, wait_until
+
+            wait_until(lambda: answers(mlflow.url + "/health"), 120, "mlflow server")
+            yield Cluster(nodes, s3, mlflow, local)
+        finally:
+            ray.shutdown()
+            os.chdir(cwd)
+            nodes.stop()
+            if mlflow.proc is not None:
+                mlflow.stop()
+            s3.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_extract_on_two_nodes_equals_local(cluster, caplog):
+    """Model actors on both nodes write one S3 store, equal to the local run's and to a plain forward."""
+    from mlflow.tracking import MlflowClient
+
+    from lensflow.flows.extract import extract_flow
+
+    out = extract_flow(CONF, [*EXTRACT, *cluster.sets("extract")])
+    assert "(2 node(s) in use)" in caplog.text  # the pool's line in the flow run's log
+    assert out["store"].startswith(f"s3://{cluster.s3.bucket}/extract/activations/")
+    assert out["chunks_computed"] == 6
+    acts, local = store.Activations(out["store"]), store.Activations(cluster.local["extract"]["store"])
+    assert acts.attrs["fingerprint"] == local.attrs["fingerprint"]  # the same stage key on any root
+    for name in ("resid", "token_ids", "lengths"):
+        np.testing.assert_array_equal(acts.group[name][:], local.group[name][:])
+    conf = load_config(None, EXTRACT)
+    ref = np.stack([r.numpy() for r in reference(conf, acts.texts(), acts.layers)])
+    np.testing.assert_allclose(acts.resid[:], ref, atol=1e-4)
+    run = MlflowClient(cluster.mlflow.url).get_run(out["run_id"])  # logged through the server
+    assert run.info.status == "FINISHED" and run.data.tags["store.prompts"] == out["store"]
+
+
+def test_logit_lens_on_two_nodes_equals_local(cluster):
+    """A training flow: translators trained as Ray tasks on both nodes, artifacts proxied by the MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    from lensflow.flows.logit_lens import logit_lens_flow
+
+    out = logit_lens_flow(CONF, [*LENS, *cluster.sets("lens")])
+    local = cluster.local["lens"]
+    assert out["trained_layers"] == local["trained_layers"] == 4
+    assert sorted(out["per_layer"]) == sorted(local["per_layer"])
+    for metric, by_layer in local["per_layer"].items():
+        assert out["per_layer"][metric] == pytest.approx(by_layer, rel=1e-5, abs=1e-6), metric
+    client = MlflowClient(cluster.mlflow.url)
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "tuned_lens")}
+    assert "tuned_lens/translators.safetensors" in arts
+    assert list((cluster.mlflow.folder / "artifacts").rglob("translators.safetensors"))  # proxied by the server
+
+
+def test_node_loss_mid_extraction_completes_and_node_is_used_again(cluster):
+    """The second node's raylet is killed mid-run: its items go to the head's actor and the store completes,
+    equal to a clean run's; the node is started again and its actor (restarted by Ray) gets work again."""
+    conf = load_config(None, [*TINY, *cluster.sets("loss"), f"data.max_prompts={LOSS_PROMPTS}",
+                              f"store.chunk_size={LOSS_CHUNK}"])
+    texts = builtin_texts(LOSS_PROMPTS)
+    result: dict = {}
+    with ModelPool(conf) as pool:
+        first = nodes_in_use(pool, time.monotonic() + 30)
+        assert len(first) == 2  # one actor per node
+        stage, _ = extraction.plan(conf, texts, pool.describe(), "loss")  # describe() now: map is not thread-safe
+        worker = threading.Thread(target=lambda: result.update(ex=extraction.extract(conf, texts, pool, label="loss")))
+        worker.start()
+        done_at_kill = 0
+        deadline = time.monotonic() + 60
+        while worker.is_alive() and time.monotonic() < deadline:
+            try:
+                done_at_kill = int(zarr.open_group(stage.url, mode="r")["done"][:].sum())
+            except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+                pass
+            if done_at_kill >= 10:
+                break
+            time.sleep(0.2)
+        t_kill = time.monotonic()
+        cluster.nodes.kill_node2_raylet()
+        cluster.nodes.restart_node2()  # a node comes back while the run goes on
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the extraction hung after the node was lost"
+        assert 10 <= done_at_kill < LOSS_PROMPTS // LOSS_CHUNK  # killed mid-run
+        ex = result["ex"]
+        assert ex.chunks_computed == LOSS_PROMPTS // LOSS_CHUNK
+        acts, clean = store.Activations(ex.url), store.Activations(cluster.local["loss_store"])
+        assert (acts.group["done"][:] == 1).all()
+        for name in ("resid", "token_ids", "lengths"):
+            np.testing.assert_array_equal(acts.group[name][:], clean.group[name][:])
+        wait_for_nodes(ray, 2)
+        again = nodes_in_use(pool, t_kill + 90)  # the restarted actor answers on the new node
+        assert len(again) == 2 and len(again & first) == 1, (first, again)
+
+
+def test_infeasible_requests_fail_in_seconds(cluster):
+    """Requests no node can hold, and a local store.root on a multi-node cluster, fail in one line naming the
+    key and what the cluster has, before any model loads."""
+    cases = [("ray.cpus_per_actor=4", "ray.actors=2 with ray.cpus_per_actor=4 and 0 GPU each: the cluster can place 0 "
+                                      "(2 node(s): 1 CPU/0 GPU, 1 CPU/0 GPU)"),
+             ("ray.gpus_per_actor=1", "ray.gpus_per_actor=1: the cluster has 0 GPUs")]
+    for key, message in cases:
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError) as err:
+            ModelPool(load_config(None, [*EXTRACT, *cluster.sets("x"), key]))
+        assert str(err.value) == message and time.monotonic() - t0 < 10
+    local = load_config(None, [*EXTRACT, *cluster.sets("x"), f"store.root={Path.cwd() / 'store'}"])
+    with pytest.raises(ConfigError, match=r"^store.root=.*: a local folder, and the Ray cluster has 2 nodes"):
+        ModelPool(local)
+    with pytest.raises(ConfigError, match=r"^needs a GPU: each task asks for 1 CPU and 1 GPU; no node has that"):
+        map_remote(needs_a_gpu, [1], "needs a GPU", local.ray, num_gpus=1)
+
+
+def test_a_stalled_stage_times_out_naming_it(cluster):
+    """Model loads and items are waited for at most ray.timeout_s with nothing finishing, then the stage fails
+    naming itself and what is up."""
+    conf = load_config(None, [*EXTRACT, *cluster.sets("x"), "ray.timeout_s=1"])
+    with ModelPool(conf) as pool:
+        t0 = time.monotonic()  # no actor loads its model (importing torch alone takes seconds) in 1 s
+        with pytest.raises(TimeoutError, match=r"^warm up: nothing finished in ray.timeout_s=1 s \(0 of 2 model "
+                                               r"actors up, 2 of 2 items left; cluster 2 node\(s\)"):
+            pool.map(sleep_item, [0.0, 0.0], desc="warm up")
+        assert time.monotonic() - t0 < 5
+        pool.timeout_s = 60  # what ray.timeout_s sets
+        pool.map(sleep_item, [0.0, 0.0], desc="warm up")
+        pool.timeout_s = 3
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"^slow stage: nothing finished in ray.timeout_s=3 s \([12] of 2 model"):
+            pool.map(sleep_item, [30.0], desc="slow stage")
+        assert time.monotonic() - t0 < 8
+
+
+def test_default_address_never_joins_a_stale_cluster():
+    """A ray.address where nothing answers fails in seconds, in one line; ray.address "" starts a private Ray even
+    where RAY_ADDRESS and the file `ray start` leaves name a cluster that is gone (plain ray.init() would join it
+    and hang for minutes). A fresh process: this one is connected already."""
+    dead = f"127.0.0.1:{free_port()}"
+    tmp_path = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    code = f"""
+import ray
+from lensflow.tasks.actors import connect
+from lensflow.tasks.config import ConfigError, RayConf
+try:
+    connect(RayConf(address="{dead}", connect_timeout_s=3))
+except ConfigError as exc:
+    print(exc)
+connect(RayConf())
+print("nodes", len(ray.nodes()), ray.get_runtime_context().gcs_address)
+"""
+    env = {**os.environ, "RAY_ADDRESS": dead, "RAY_TMPDIR": str(tmp_path)}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    refused, joined = proc.stdout.strip().splitlines()[-2:]
+    assert refused.startswith(f"ray.address={dead}: nothing answers there within ray.connect_timeout_s=3 ")
+    assert joined.startswith("nodes 1 127.0.0.1:") and dead not in joined and time.monotonic() - t0 < 60
