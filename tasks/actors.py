@@ -177,6 +177,7 @@ class ModelPool:
         self.nodes: dict[int, str] = {}  # live actor -> its node id
         self._probes: dict[ray.ObjectRef, int] = {}
         self._retry_at: dict[int, float] = {}
+        self._death: ActorDiedError | None = None
         for a in range(self.size):
             self._probe(a)
         self._info: ModelInfo | None = None
@@ -204,7 +205,8 @@ class ModelPool:
         a = self._probes.pop(ref)
         try:
             node = ray.get(ref, timeout=self.timeout_s)
-        except ActorDiedError:  # out of restarts (or killed): gone for good
+        except ActorDiedError as exc:  # out of restarts, killed, or its model failed to load: gone for good
+            self._death = exc
             return False
         except LOST:  # unavailable for now (its node is being declared dead): ask again shortly
             self._retry_at[a] = time.monotonic() + RETRY_PROBE_S
@@ -226,11 +228,18 @@ class ModelPool:
                 self._reprobe()
                 self._submit(fn, items, todo, pending, in_flight)
                 if not pending and not self._probes and not self._retry_at:
-                    raise RuntimeError(f"{desc}: every model actor is gone (ray.max_restarts={self.max_restarts} "
-                                       f"used up); {len(todo)} of {len(items)} items not done")
-                left = progressed + self.timeout_s - time.monotonic()
-                done, _ = ray.wait([*pending, *self._probes], num_returns=1,
-                                   timeout=max(0.0, min(left, RETRY_PROBE_S) if self._retry_at else left))
+                    cause = [l for l in str(self._death).splitlines() if l.strip()][-1:] or ["unknown"]
+                    raise RuntimeError(f"{desc}: every model actor is gone, {len(todo)} of {len(items)} items not "
+                                       f"done (ray.max_restarts={self.max_restarts}); last: {cause[0][:300]}") \
+                        from self._death
+                left = max(0.0, progressed + self.timeout_s - time.monotonic())
+                waiting = [*pending, *self._probes]
+                if waiting:
+                    wait_s = min(left, RETRY_PROBE_S) if self._retry_at else left
+                    done, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+                else:  # every actor is restarting: only re-asking is left
+                    done = []
+                    time.sleep(min(left, RETRY_PROBE_S))
                 if not done and time.monotonic() - progressed >= self.timeout_s:
                     raise TimeoutError(f"{desc}: nothing finished in ray.timeout_s={self.timeout_s:g} s "
                                        f"({len(self.nodes)} of {self.size} model actors up, {len(todo) + len(pending)} "

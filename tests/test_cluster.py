@@ -34,7 +34,7 @@ EXTRACT = [*TINY, "data.max_prompts=24", "store.chunk_size=4"]
 LENS = [*TINY, "store.chunk_size=4", "lenses.max_prompts=12", "lenses.heldout=0.25", "lenses.epochs=2",
         "lenses.batch_tokens=32"]
 CONF = str(CONF_DIR / "default.yaml")  # the driver works in a temporary folder
-LOSS_PROMPTS, LOSS_CHUNK = 160, 2  # the node-loss run: 80 chunks, long enough to kill a node in the middle
+LOSS_PROMPTS, LOSS_CHUNK = 96, 2  # the node-loss run: 48 chunks, long enough to kill a node in the middle
 
 
 class Cluster:
@@ -92,6 +92,8 @@ def _local_runs(root: Path, tracking_uri: str) -> dict:
 def cluster(request, tmp_path_factory):
     """Services start first (they boot while the local reference runs); one cluster for the whole module. The
     driver works in a temporary folder that, like HOME and every test folder, the second node cannot see."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("the second node needs a mount namespace: `unshare -m` is refused here (root or CAP_SYS_ADMIN)")
     folder = Path(tempfile.mkdtemp(prefix="lensflow-cluster-"))
     base = tmp_path_factory.getbasetemp()
     driver = tmp_path_factory.mktemp("driver")
@@ -185,7 +187,7 @@ def test_node_loss_mid_extraction_completes_and_node_is_used_again(cluster):
                 done_at_kill = int(zarr.open_group(stage.url, mode="r")["done"][:].sum())
             except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
                 pass
-            if done_at_kill >= 10:
+            if done_at_kill >= 6:
                 break
             time.sleep(0.2)
         t_kill = time.monotonic()
@@ -193,7 +195,7 @@ def test_node_loss_mid_extraction_completes_and_node_is_used_again(cluster):
         cluster.nodes.restart_node2()  # a node comes back while the run goes on
         worker.join(timeout=120)
         assert not worker.is_alive(), "the extraction hung after the node was lost"
-        assert 10 <= done_at_kill < LOSS_PROMPTS // LOSS_CHUNK  # killed mid-run
+        assert 6 <= done_at_kill < LOSS_PROMPTS // LOSS_CHUNK  # killed mid-run
         ex = result["ex"]
         assert ex.chunks_computed == LOSS_PROMPTS // LOSS_CHUNK
         acts, clean = store.Activations(ex.url), store.Activations(cluster.local["loss_store"])

@@ -16,7 +16,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -142,7 +141,8 @@ class TwoNodeCluster:
     def _node_args(self) -> list[str]:
         p = _ports(6)
         workers = ",".join(map(str, _ports(12)))
-        return ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--object-store-memory", str(200 * 2**20), "--node-manager-port", str(p[0]),
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats",
+                "--object-store-memory", str(200 * 2**20), "--node-manager-port", str(p[0]),
                 "--object-manager-port", str(p[1]), "--dashboard-agent-listen-port", str(p[2]),
                 "--dashboard-agent-grpc-port", str(p[3]), "--metrics-export-port", str(p[4]),
                 "--runtime-env-agent-port", str(p[5]), "--worker-port-list", workers]
@@ -191,7 +191,3 @@ class TwoNodeCluster:
 def wait_for_nodes(ray, n: int, timeout: float = 60) -> None:
     """Until the connected driver sees n live nodes."""
     wait_until(lambda: sum(1 for x in ray.nodes() if x["Alive"]) == n, timeout, f"{n} live Ray nodes", every=0.5)
-
-
-def sleep_until(deadline: float) -> None:
-    time.sleep(max(0.0, deadline - time.monotonic()))
