@@ -16,8 +16,9 @@ setup: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/lensflow run extract --config conf/default.yaml
 
+# two workers, a test module each at a time (module fixtures: one cluster, one MLflow server per module)
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # MLflow's UI rendered in headless Chromium (Debian's `chromium`, installed here if missing: ~30 s, needs root)
 e2e: $(VENV)/.installed

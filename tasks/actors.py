@@ -295,14 +295,27 @@ class ModelPool:
         self.close()
 
 
+def _releasing_gpu_memory(fn: Callable[[Any], T], item: Any) -> T:
+    """fn(item), then the worker's cached GPU blocks back to the device: the worker lives on for the next task, and
+    tasks sharing a GPU (fractional num_gpus) must not hold each other's memory."""
+    try:
+        return fn(item)
+    finally:
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
 def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayConf, num_cpus: float = 1,
                num_gpus: float = 0) -> list[T]:
     """fn(item) as independent Ray tasks (retried if their worker or node dies), order preserved, with a progress
     bar; fails naming `desc` when no task finishes for ray.timeout_s."""
     connect(conf)
     check_task_fits(desc, num_cpus, num_gpus)
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=conf.max_restarts)(fn)
-    refs = [remote.remote(item) for item in items]
+    # max_calls=0: Ray's default for a GPU task is a fresh worker per call (max_calls=1), which costs a Python
+    # start, the imports and a CUDA context per task: 20 of the 23 s of a SmolLM2 tuned-lens layer on an H100
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=conf.max_restarts, max_calls=0)(
+        _releasing_gpu_memory)
+    refs = [remote.remote(fn, item) for item in items]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     waiting = list(refs)

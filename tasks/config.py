@@ -170,7 +170,7 @@ class FutureLensConf(Section):
     soft_prompt_lr: float = Field(default=0.1, gt=0)  # relative to the RMS of the initial prompt embeddings
     eval_batch: int = Field(default=50, gt=0)
     teacher_forcing: bool = True  # causal methods at N>0 see the model's greedy tokens; False = the lens's own
-    # GPUs per model-free Ray task (vocabulary probes); auto = 1 where the cluster has GPUs, else 0
+    # GPUs per model-free Ray task (vocabulary probes); auto = 0.25 where the cluster has GPUs (4 share one), else 0
     gpus_per_task: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     seed: int = 0
 
@@ -264,7 +264,7 @@ class LensesConf(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # frozen unembedding matmuls while training
     seed: int = 0
-    # GPUs per lens Ray task (targets per chunk, translator per layer); auto = 1 where the cluster has GPUs, else 0
+    # GPUs per lens Ray task (targets per chunk, translator per layer); auto = 0.25 where the cluster has GPUs, else 0
     gpus_per_task: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     grid_prompt: str = "The Eiffel Tower is in the city of Paris, which is the capital of"
 

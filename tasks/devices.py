@@ -69,11 +69,16 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+# what `auto` gives a model-free task on a GPU cluster: a quarter of a GPU, so four per-layer jobs share one (at
+# GPT-J shapes a translator, vocabulary probe or SAE job needs < 2 GB of it; a whole GPU each ran one layer at a time)
+AUTO_TASK_GPUS = 0.25
+
+
 def task_gpus(requested: float | str, available: float, key: str) -> float:
-    """GPUs per model-free Ray task: `auto` = 1 where the cluster has GPUs, else 0 (the CPU); a number is checked
-    against the cluster, because Ray waits forever for GPUs that do not exist."""
+    """GPUs per model-free Ray task: `auto` = AUTO_TASK_GPUS where the cluster has GPUs, else 0 (the CPU); a
+    number is checked against the cluster, because Ray waits forever for GPUs that do not exist."""
     if requested == "auto":
-        return 1.0 if available >= 1 else 0.0
+        return AUTO_TASK_GPUS if available >= 1 else 0.0
     if requested > available:
         raise ConfigError(f"{key}={requested:g}: the cluster has {available:g} GPUs")
     return float(requested)

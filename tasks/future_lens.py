@@ -166,8 +166,8 @@ def on_actors(pool: ModelPool, fn: Callable[[LM, ProbeJob], LayerResult], jobs: 
 
 
 def on_workers(conf: RayConf, fn: Callable[[ProbeJob], LayerResult], jobs: list[ProbeJob]) -> list[LayerResult]:
-    """Model-free per-layer jobs as Ray remote functions, future_lens.gpus_per_task GPUs each (`auto`: 1 where the
-    cluster has GPUs)."""
+    """Model-free per-layer jobs as Ray remote functions, future_lens.gpus_per_task GPUs each (`auto`: a quarter
+    GPU on a GPU cluster)."""
     if not jobs:
         return []
     connect(conf)

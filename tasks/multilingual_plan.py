@@ -10,6 +10,7 @@ import numpy as np
 
 from lensflow.tasks.actors import connect, map_remote
 from lensflow.tasks.config import Config, ConfigError, MultilingualConf, with_overrides
+from lensflow.tasks.devices import cluster_gpus
 from lensflow.tasks.data import load_prompts
 from lensflow.tasks.data.parallel import load_parallel
 from lensflow.tasks.extraction import Extraction
@@ -90,9 +91,8 @@ def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, sae_text: dict[
 
 
 def sae_layers(conf: Config, jobs: list[OverlapJob]) -> list[SAELayerResult]:
-    """One Ray remote call per layer, on a GPU where the cluster has one (the model actors are gone by then)."""
-    import ray
-
+    """One Ray remote call per layer, a whole GPU each where the cluster has GPUs (the model actors are gone by
+    then): a paper-scale SAE is 6.4 GB with Adam and compute-bound, unlike the light lens and probe tasks."""
     connect(conf.ray)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    gpus = 1.0 if cluster_gpus() >= 1 else 0.0
     return map_remote(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)

@@ -87,7 +87,7 @@ def lens_stages(conf: Config, store_key: str, rows: PromptSplit) -> LensStages:
 
 
 def lens_task_gpus(conf: Config) -> float:
-    """GPUs per lens Ray task: lenses.gpus_per_task, `auto` = 1 where the cluster has GPUs (see tasks/devices.py)."""
+    """GPUs per lens Ray task: lenses.gpus_per_task, `auto` = a quarter GPU on a GPU cluster (tasks/devices.py)."""
     connect(conf.ray)
     return task_gpus(conf.lenses.gpus_per_task, cluster_gpus(), "lenses.gpus_per_task")
 

@@ -16,6 +16,16 @@ from lensflow.tasks.models import LM, load_model  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gptj", "gpt_neox"]
 
+# modules that run flows in subprocesses, kill and rerun them (1-3 min each): `make test` runs two pytest-xdist
+# workers, one module per worker at a time, and these go first so neither worker ends alone on a long one
+LONG_MODULES = ["test_lens_stages", "test_hardening", "test_deployments", "test_cluster", "test_multilingual_flow",
+                "test_integration_extract", "test_stages", "test_sweep", "test_future_lens_flow"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
 
 @pytest.fixture(scope="session")
 def ray_session():

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lensflow.tasks.config import ConfigError, ModelConf, load_config
-from lensflow.tasks.devices import choose_device, loss_scaler, task_gpus
+from lensflow.tasks.devices import AUTO_TASK_GPUS, choose_device, loss_scaler, task_gpus
 from lensflow.tasks.models import LM, arch_for, load_model, tiny_config, tiny_tokenizer
 from lensflow.tasks.soft_prompt import prompt_embeddings, train_soft_prompt
 from lensflow.tasks.vocab_probe import VocabProbe
@@ -56,7 +56,7 @@ def test_float16_refused_on_cpu():
 
 
 def test_gpu_task_requests():
-    assert task_gpus("auto", 8, "k") == 1.0 and task_gpus("auto", 0, "k") == 0.0
+    assert task_gpus("auto", 8, "k") == AUTO_TASK_GPUS < 1 and task_gpus("auto", 0, "k") == 0.0
     assert task_gpus(0.5, 1, "k") == 0.5 and task_gpus(0, 0, "k") == 0.0
     with pytest.raises(ConfigError) as err:
         task_gpus(1, 0, "future_lens.gpus_per_task")  # Ray would wait forever
@@ -68,7 +68,8 @@ def test_gpu_task_requests():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot start")
 def test_ray_assigned_gpu_without_cuda_refuses_the_cpu(tmp_path):
     """A real Ray node that declares one GPU (as a GPU node whose CUDA is broken would): the task Ray gives that GPU
-    must refuse, not load the model on the CPU."""
+    must refuse, not load the model on the CPU. On the same node, map_remote's GPU tasks share a GPU and reuse their
+    worker (Ray's default for GPU tasks is a new process, imports and CUDA context per call)."""
     script = textwrap.dedent("""
         import os, ray
         from lensflow.tasks.actors import loopback_only
@@ -85,12 +86,18 @@ def test_ray_assigned_gpu_without_cuda_refuses_the_cpu(tmp_path):
                 return ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), str(exc)
             return ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), "loaded"
 
-        print(repr(ray.get(load.remote(), timeout=90)))
+        from lensflow.tasks.actors import map_remote
+        from lensflow.tasks.config import RayConf
+        from lensflow.tasks.devices import task_gpus
+        workers = map_remote(lambda _: (os.getpid(), ray.get_gpu_ids()), range(6), "gpu tasks", RayConf(),
+                             num_gpus=task_gpus("auto", 1, "k"))
+        print(repr((*ray.get(load.remote(), timeout=90), workers)))
         ray.shutdown()
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    gpu_ids, visible, message = eval(out.stdout.strip().splitlines()[-1])
+    gpu_ids, visible, message, workers = eval(out.stdout.strip().splitlines()[-1])
+    assert all(ids == [0] for _, ids in workers) and len({pid for pid, _ in workers}) <= 2  # 6 tasks, 1 CPU
     assert gpu_ids == [0] and visible == "0"
     assert message.startswith("Ray assigned GPU(s) [0] to this worker but CUDA is not available") and "\n" not in message
 
