@@ -18,7 +18,7 @@ import pytest
 import ray
 import zarr
 
-from loopback import MlflowServer, free_port
+from loopback import MlflowServer, free_port, wait_until
 from test_extraction import reference
 from twonode import S3Server, TwoNodeCluster, wait_for_nodes
 
@@ -71,6 +71,28 @@ def sleep_item(lm, seconds: float) -> float:
 
 
 def needs_a_gpu(item: int) -> int:
+    return item
+
+
+@ray.remote(num_cpus=0)
+class StartLog:
+    """Where each task started, kept on the head: a task that ran again shows up twice."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[int, str]] = []
+
+    def start(self, item: int, node: str) -> None:
+        self.starts.append((item, node))
+
+    def all(self) -> list[tuple[int, str]]:
+        return self.starts
+
+
+def logged_layer_job(job: tuple) -> int:
+    """Stands in for a per-layer training job (a model-free Ray task of map_remote)."""
+    log, item = job
+    ray.get(log.start.remote(item, ray.get_runtime_context().get_node_id()))
+    time.sleep(1.0)
     return item
 
 
@@ -205,6 +227,37 @@ def test_node_loss_mid_extraction_completes_and_node_is_used_again(cluster):
         wait_for_nodes(ray, 2)
         again = nodes_in_use(pool, t_kill + 90)  # the restarted actor answers on the new node
         assert len(again) == 2 and len(again & first) == 1, (first, again)
+
+
+def test_node_loss_during_per_layer_tasks_reruns_them(cluster):
+    """Per-layer training runs as Ray tasks (map_remote): a task on the lost node runs again on the head, and every
+    result comes back in order."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from lensflow.tasks.actors import connect
+
+    conf = load_config(None, [*TINY, *cluster.sets("tasks")])
+    connect(conf.ray)
+    wait_for_nodes(ray, 2)
+    head = ray.get_runtime_context().get_node_id()
+    log = StartLog.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    result: dict = {}
+    jobs = [(log, i) for i in range(8)]
+    worker = threading.Thread(target=lambda: result.update(out=map_remote(logged_layer_job, jobs, "layers", conf.ray)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not [i for i, n in ray.get(log.all.remote()) if n != head]:
+        time.sleep(0.1)
+    lost = [(i, n) for i, n in ray.get(log.all.remote()) if n != head]
+    assert lost, "no task started on the second node"
+    cluster.nodes.node2.stop()  # the whole node (raylet and workers) while its task sleeps
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "map_remote hung after the node was lost"
+    assert result["out"] == list(range(8))
+    assert (lost[0][0], head) in ray.get(log.all.remote())  # the lost task ran again, on the node that remained
+    cluster.nodes.restart_node2()  # the tests after this one expect two nodes, the lost one gone
+    wait_until(lambda: {x["NodeID"] for x in ray.nodes() if x["Alive"]} - {head, lost[0][1]}, 60, "a new node2")
+    wait_for_nodes(ray, 2)
 
 
 def test_infeasible_requests_fail_in_seconds(cluster):
