@@ -69,8 +69,8 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-# what `auto` gives a model-free task on a GPU cluster: a quarter of a GPU, so four per-layer jobs share one (at
-# GPT-J shapes a translator, vocabulary probe or SAE job needs < 2 GB of it; a whole GPU each ran one layer at a time)
+# what `auto` gives a lens or probe task on a GPU cluster: a quarter of a GPU, so four per-layer jobs share one (at
+# GPT-J shapes a translator or vocabulary probe needs < 2 GB; a whole GPU each ran one layer at a time)
 AUTO_TASK_GPUS = 0.25
 
 

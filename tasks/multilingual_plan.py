@@ -10,9 +10,9 @@ import numpy as np
 
 from lensflow.tasks.actors import connect, map_remote
 from lensflow.tasks.config import Config, ConfigError, MultilingualConf, with_overrides
-from lensflow.tasks.devices import cluster_gpus
 from lensflow.tasks.data import load_prompts
 from lensflow.tasks.data.parallel import load_parallel
+from lensflow.tasks.devices import cluster_gpus
 from lensflow.tasks.extraction import Extraction
 from lensflow.tasks.models import ModelInfo
 from lensflow.tasks.overlap import OverlapJob, SAELayerResult, derangement, overlap_stage, parse_pairs, sae_layer
