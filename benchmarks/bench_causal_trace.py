@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from lensflow.tasks.causal_trace import TraceSettings, trace_fact
-from lensflow.tasks.causal_trace_facts import answers, load_facts, select_known
-from lensflow.tasks.config import ModelConf
-from lensflow.tasks.models import load_model
+from lensflow.tasks.causal_trace.facts import answers, load_facts, select_known
+from lensflow.tasks.causal_trace.tracing import TraceSettings, trace_fact
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.models import load_model
 
 
 def main() -> None:

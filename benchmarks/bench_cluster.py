@@ -27,11 +27,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # the cluster helpers the tests use
 
 from twonode import S3Server, TwoNodeCluster, wait_for_nodes  # noqa: E402
 
-from lensflow.tasks import extraction  # noqa: E402
-from lensflow.tasks.actors import ModelPool  # noqa: E402
-from lensflow.tasks.config import CONF_DIR, load_config  # noqa: E402
-from lensflow.tasks.data import builtin_texts  # noqa: E402
-from lensflow.tasks.models import describe  # noqa: E402
+from lensflow.tasks.core import extraction  # noqa: E402
+from lensflow.tasks.core.actors import ModelPool  # noqa: E402
+from lensflow.tasks.core.config import CONF_DIR  # noqa: E402
+from lensflow.tasks.core.models import describe  # noqa: E402
+from lensflow.tasks.core.prompts import builtin_texts  # noqa: E402
+from lensflow.tasks.registry import load_config  # noqa: E402
 
 
 def parse() -> argparse.Namespace:

@@ -23,10 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lensflow.tasks import extraction, store  # noqa: E402
-from lensflow.tasks.config import load_config  # noqa: E402
-from lensflow.tasks.data import builtin_texts  # noqa: E402
-from lensflow.tasks.models import load_model  # noqa: E402
+from lensflow.tasks.core import (
+    extraction,  # noqa: E402
+    store,  # noqa: E402
+)
+from lensflow.tasks.core.models import load_model  # noqa: E402
+from lensflow.tasks.core.prompts import builtin_texts  # noqa: E402
+from lensflow.tasks.registry import load_config  # noqa: E402
 
 
 def setup(args):

@@ -15,14 +15,25 @@ import time
 
 import torch
 
-from lensflow.tasks.config import FutureLensConf, ModelConf
-from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.future_lens_metrics import decoded_scores
-from lensflow.tasks.future_lens_samples import PrepItem, candidate_windows, memory_batches, prepare_windows, scan_texts
-from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.models import load_model
-from lensflow.tasks.ridge import RidgeStats, fit_linear_sgd, fit_ridge
-from lensflow.tasks.soft_prompt import prompt_embeddings, teacher_logprobs, train_soft_prompt
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.hooks import Read, trace
+from lensflow.tasks.core.models import load_model
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.future_lens.config import FutureLensConf
+from lensflow.tasks.future_lens.metrics import decoded_scores
+from lensflow.tasks.future_lens.ridge import RidgeStats, fit_linear_sgd, fit_ridge
+from lensflow.tasks.future_lens.samples import (
+    PrepItem,
+    candidate_windows,
+    memory_batches,
+    prepare_windows,
+    scan_texts,
+)
+from lensflow.tasks.future_lens.soft_prompt import (
+    prompt_embeddings,
+    teacher_logprobs,
+    train_soft_prompt,
+)
 
 
 def samples(lm, n_texts: int, layer: int, max_tokens: int = 48) -> dict[str, torch.Tensor]:
@@ -35,8 +46,8 @@ def samples(lm, n_texts: int, layer: int, max_tokens: int = 48) -> dict[str, tor
     hs = []
     for i in range(0, len(prefixes), 32):
         enc = lm.encode(prefixes[i : i + 32], max_tokens)
-        with torch.no_grad(), trace(lm, reads=[Read("resid", layer, position=enc["last"])], stop_at=layer) as t:
-            lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        with torch.no_grad(), trace(lm, reads=[Read("resid", layer, position=enc["last"])]) as t:
+            t.forward(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], until=layer)
         hs.append(t["resid", layer])
     text_id = torch.tensor([w.text_id for w in windows])[keep]
     return {"h": torch.cat(hs), "greedy": torch.from_numpy(prep["greedy"])[keep], "final": torch.from_numpy(prep["final"])[keep],
@@ -52,7 +63,7 @@ def soft_prompt_throughput(lm, data: dict, layer: int, steps: int, batch: int, c
     cached = time.perf_counter() - t0
 
     # baseline: the same loss with the whole prompt recomputed for every sample (no shared KV cache)
-    import lensflow.tasks.soft_prompt as sp
+    import lensflow.tasks.future_lens.soft_prompt as sp
 
     soft = init.clone().requires_grad_(True)
     opt = torch.optim.Adam([soft], lr=1e-3)

@@ -12,12 +12,13 @@ import time
 
 import torch
 
-from lensflow.tasks.config import FunctionVectorsConf, ModelConf
-from lensflow.tasks.function_vectors import indirect_effects, mean_head_outputs
-from lensflow.tasks.fv_sweep import icl_prompts, template
-from lensflow.tasks.hooks import Edit, trace
-from lensflow.tasks.icl import answer_token, load_pairs, split
-from lensflow.tasks.models import load_model
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.hooks import Edit, trace
+from lensflow.tasks.core.models import load_model
+from lensflow.tasks.function_vectors.config import FunctionVectorsConf
+from lensflow.tasks.function_vectors.heads import indirect_effects, mean_head_outputs
+from lensflow.tasks.function_vectors.icl import answer_token, load_pairs, split
+from lensflow.tasks.function_vectors.patching import icl_prompts, template
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Tuned-lens training step throughput: the naive loss vs the one tasks/lenses.py uses, side by side.
+"""Tuned-lens training step throughput: the naive loss vs the one tasks/lenses/readouts.py uses, side by side.
 
 naive     : target distribution recomputed from the last layer every step (a second vocab-sized matmul), KL from
             two full log-softmaxes, autograd's logsumexp, fp32 (what a first implementation writes)
@@ -18,11 +18,16 @@ import time
 
 import torch
 
-from lensflow.tasks.config import ModelConf
-from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.lenses import Readout, Translator, final_targets, kl_and_top1
-from lensflow.tasks.models import load_model
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.hooks import Read, trace
+from lensflow.tasks.core.models import load_model
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.lenses.readouts import (
+    Readout,
+    Translator,
+    final_targets,
+    kl_and_top1,
+)
 
 
 def naive_loss(readout: Readout, tr: Translator, h: torch.Tensor, h_last: torch.Tensor) -> torch.Tensor:

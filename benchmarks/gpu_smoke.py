@@ -53,8 +53,8 @@ def headline(tracking_uri: str, flow: str, since_ms: int) -> dict:
     """The newest run of this flow started after `since_ms`: its status and headline metric."""
     from mlflow.tracking import MlflowClient
 
-    from lensflow.flows import HEADLINES
-    from lensflow.tasks.metric_names import metric_key
+    from lensflow.tasks.core.metric_names import metric_key
+    from lensflow.tasks.registry import experiment
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("lensflow")
@@ -65,7 +65,7 @@ def headline(tracking_uri: str, flow: str, since_ms: int) -> dict:
     if not runs:
         return {"mlflow_status": None}
     run = runs[0]
-    name, _, _ = HEADLINES[flow]
+    name = experiment(flow).headline.metric
     history = client.get_metric_history(run.info.run_id, metric_key(name))
     return {"mlflow_status": run.info.status, "run_id": run.info.run_id, "headline": metric_key(name),
             "headline_by_step": {m.step: round(m.value, 4) for m in history}}

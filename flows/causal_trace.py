@@ -12,33 +12,29 @@ from __future__ import annotations
 from prefect import flow
 
 from lensflow.flows import stage
-from lensflow.tasks import causal_trace, tracking
-from lensflow.tasks.actors import ModelPool
-from lensflow.tasks.causal_trace_facts import load_facts
-from lensflow.tasks.causal_trace_report import average_effects, log_results, peaks
-from lensflow.tasks.config import load_config
-from lensflow.tasks.models import prepare
+from lensflow.tasks.causal_trace import EXPERIMENT, tracing
+from lensflow.tasks.causal_trace.facts import load_facts
+from lensflow.tasks.causal_trace.report import average_effects, log_results, peaks
+from lensflow.tasks.core.session import open_session
+from lensflow.tasks.registry import load_config
 
-find_known = stage(causal_trace.find_known)
-trace_facts = stage(causal_trace.trace_facts)
+find_known = stage(tracing.find_known)
+trace_facts = stage(tracing.trace_facts)
 
 
-@flow(name="causal-trace", log_prints=True)
+@flow(name=EXPERIMENT.name, log_prints=True)
 def causal_trace_flow(config: str = "conf/default.yaml", overrides: list[str] | None = None) -> dict:
     conf = load_config(config, overrides)
     facts = load_facts(conf.causal_trace.facts_file)  # bad fact files fail here, before a run or actor exists
-    prepare(conf.model)
-    with tracking.flow_run(conf, "causal-trace") as run, ModelPool(conf) as pool:
-        info = pool.describe()
-        tracking.tag_model(run, info)
-        known = find_known(conf, facts, pool)
-        traced = trace_facts(conf, known.facts, pool)
+    with open_session(conf, EXPERIMENT.name) as s:
+        known = find_known(conf, facts, s.pool)
+        traced = trace_facts(conf, known.facts, s.pool)
         ae = average_effects(traced.traces)
-        text = log_results(run, info.name, known, traced, ae)
+        text = log_results(s.run, s.info.name, known, traced, ae)
     print(text)
     print(f"traces: {traced.url} ({traced.computed} computed, {len(traced.traces) - traced.computed} found)")
-    print(f"MLflow run: {run.run_id} (experiment '{conf.tracking.experiment}')")
-    return {"run_id": run.run_id, "n_facts": known.n_facts, "n_correct": known.n_correct,
+    print(f"MLflow run: {s.run.run_id} (experiment '{conf.tracking.experiment}')")
+    return {"run_id": s.run.run_id, "n_facts": known.n_facts, "n_correct": known.n_correct,
             "stage": traced.url, **traced.metrics(), "clean_prob": ae.clean, "corrupted_prob": ae.corrupted,
             "aie": {s: m.tolist() for s, m in ae.aie.items()}, "counts": ae.counts,
             "peaks": [p.__dict__ for p in peaks(ae)]}

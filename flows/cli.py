@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -20,21 +19,19 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-from lensflow.flows import FLOWS, check_inputs, resolve_flow  # noqa: E402
-from lensflow.tasks.config import ConfigError, load_config, public_overrides  # noqa: E402
-from lensflow.tasks.preflight import preflight  # noqa: E402
-from lensflow.tasks.redact import redact_tree  # noqa: E402
-from lensflow.tasks.tracking import outage  # noqa: E402
+from lensflow.tasks.core.config import ConfigError, public_overrides  # noqa: E402
+from lensflow.tasks.core.preflight import preflight  # noqa: E402
+from lensflow.tasks.core.redact import redact_tree  # noqa: E402
+from lensflow.tasks.core.tracking import outage  # noqa: E402
+from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config  # noqa: E402
 
-
-def _resolve(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+LENS_GRIDS = {kind: e for e in EXPERIMENTS.values() for kind in e.lens_grids}  # `lensflow lens --lens KIND`
 
 
 def _sweep(args: argparse.Namespace) -> dict:
     """Validate every point (configs and input files) before Prefect, Ray or MLflow start; then the sweep flow."""
-    from lensflow.tasks import sweeps
+    from lensflow.flows.sweep import sweep_flow
+    from lensflow.tasks.sweep import grid as sweeps
 
     if args.file:
         spec = sweeps.load_sweep(args.file)
@@ -46,7 +43,7 @@ def _sweep(args: argparse.Namespace) -> dict:
     sweeps.validate_points(spec)
     preflight(load_config(spec.config, spec.set), lambda c: None)
     _one_line_errors()
-    return _resolve("lensflow.flows.sweep:sweep_flow")(sweep=spec.model_dump())
+    return sweep_flow(sweep=spec.model_dump())
 
 
 class _NoConfigErrors(logging.Filter):
@@ -77,16 +74,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="override any config key, e.g. --set data.max_prompts=64 (repeatable)")
 
     run = sub.add_parser("run", help="run a Prefect flow")
-    run.add_argument("flow", choices=sorted(FLOWS))
+    run.add_argument("flow", choices=sorted(EXPERIMENTS))
     common(run)
     lens = sub.add_parser("lens", help="render a layer x token lens grid for a prompt (HTML + PNG, logged to MLflow)")
     lens.add_argument("prompt")
-    lens.add_argument("--lens", choices=["future", "logit", "tuned"], default="future")
+    lens.add_argument("--lens", choices=sorted(LENS_GRIDS), default="future")
     lens.add_argument("--run-id", default=None, help="MLflow run holding the trained soft prompts / tuned lens "
                                                      "(default: the latest finished run of the matching flow)")
     common(lens)
     sweep = sub.add_parser("sweep", help="run a flow over a grid of config values, one nested MLflow run per point")
-    sweep.add_argument("flow", nargs="?", choices=sorted(FLOWS))
+    sweep.add_argument("flow", nargs="?", choices=sorted(EXPERIMENTS))
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=a,b,c",
                        help="a config key and its values; the points are the product of every --grid (repeatable)")
     sweep.add_argument("--file", help="a sweep file (flow, config, set, grid), e.g. conf/sweeps/fv_layer.yaml")
@@ -106,15 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(redact_tree(conf.model_dump(mode="json")), indent=2))
             return 0
         if args.cmd == "run":
-            preflight(conf, lambda c: check_inputs(args.flow, c))
+            exp = experiment(args.flow)
+            preflight(conf, exp.check_inputs)
             _one_line_errors()
-            result = resolve_flow(args.flow)(config=args.config, overrides=public_overrides(args.overrides))
+            result = exp.flow_function()(config=args.config, overrides=public_overrides(args.overrides))
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
-        if args.lens == "future":
-            out = _resolve("lensflow.flows.future_lens:render_grid")(conf, args.prompt, run_id=args.run_id)
-        else:
-            out = _resolve("lensflow.flows.logit_lens:render_grid")(conf, args.prompt, args.lens, run_id=args.run_id)
+        out = LENS_GRIDS[args.lens].grid_renderer(args.lens)(conf, args.prompt, args.lens, run_id=args.run_id)
         for kind, path in out.items():
             print(f"{kind}: {path}")
         return 0

@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prefect import flow
 
-from lensflow.flows import HEADLINES, resolve_flow
-from lensflow.tasks import tracking
-from lensflow.tasks.config import load_config
-from lensflow.tasks.sweep_report import Headline, PointResult, headline_curve, log_summary
-from lensflow.tasks.sweeps import SWEEP_ID, Sweep, point_key, point_label, point_overrides
+from lensflow.tasks.core import tracking
+from lensflow.tasks.core.experiment import Headline
+from lensflow.tasks.core.tracking import SWEEP_ID
+from lensflow.tasks.registry import experiment, load_config
+from lensflow.tasks.sweep.grid import Sweep, point_key, point_label, point_overrides
+from lensflow.tasks.sweep.report import PointResult, headline_curve, log_summary
 
 
 def _run_point(sweep: Sweep, overrides: list[str]) -> None:
@@ -26,14 +27,14 @@ def _run_point(sweep: Sweep, overrides: list[str]) -> None:
         if not run.state.is_completed():
             raise RuntimeError(f"sweep point run {run.name} ended {run.state.name}")
         return
-    resolve_flow(sweep.flow)(config=sweep.config, overrides=overrides)
+    experiment(sweep.flow).flow_function()(config=sweep.config, overrides=overrides)
 
 
 @flow(name="sweep", log_prints=True)
 def sweep_flow(sweep: dict) -> dict:
     spec = Sweep.model_validate(sweep)
     base = load_config(spec.config, spec.set)
-    head = Headline(*HEADLINES[spec.flow])
+    head = experiment(spec.flow).headline
     with tracking.sweep_run(base, spec.flow, spec.id, {"grid": spec.grid, "set": spec.set,
                                                        "config": spec.config}) as parent:
         best, ran = _run_points(spec, parent, head)

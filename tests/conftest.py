@@ -11,8 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from lensflow.tasks.config import Config, ModelConf, load_config  # noqa: E402
-from lensflow.tasks.models import LM, load_model  # noqa: E402
+from lensflow.tasks.core.config import Config, ModelConf  # noqa: E402
+from lensflow.tasks.core.models import LM, load_model  # noqa: E402
+from lensflow.tasks.registry import load_config  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "gpt2", "gptj", "gpt_neox"]
 

@@ -11,14 +11,27 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lensflow.tasks.causal_trace import (
-    FactTrace, TraceSettings, clean_run, draw_noise, noise_std, restored_prob, trace_fact, trace_fast,
+from lensflow.tasks.causal_trace.facts import (
+    FACTS_FILE,
+    Fact,
+    encode_fact,
+    load_facts,
+    select_known,
 )
-from lensflow.tasks.causal_trace_facts import FACTS_FILE, Fact, encode_fact, load_facts, select_known
-from lensflow.tasks.causal_trace_report import GROUPS, average_effects, token_groups
-from lensflow.tasks.config import ConfigError, ModelConf
-from lensflow.tasks.models import load_model
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.causal_trace.report import GROUPS, average_effects, token_groups
+from lensflow.tasks.causal_trace.tracing import (
+    FactTrace,
+    TraceSettings,
+    clean_run,
+    draw_noise,
+    noise_std,
+    restored_prob,
+    trace_fact,
+    trace_fast,
+)
+from lensflow.tasks.core.config import ConfigError, ModelConf
+from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.core.models import load_model
 
 SETTINGS = TraceSettings(samples=3, noise_scale=3.0, window=3, seed=0, batch_tokens=4096)
 SHARPEN = {"llama": 5.0, "gpt2": 10.0}  # final-norm gain: a random tiny model's answer probability then moves a lot

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import ray
 import zarr
-
 from loopback import MlflowServer, free_port, wait_until
 from test_extraction import reference
 from twonode import S3Server, TwoNodeCluster, wait_for_nodes
 
-from lensflow.tasks import extraction, store
-from lensflow.tasks.actors import ModelPool, map_remote
-from lensflow.tasks.config import CONF_DIR, ConfigError, load_config
-from lensflow.tasks.data import builtin_texts
+from lensflow.tasks.core import extraction, store
+from lensflow.tasks.core.actors import ModelPool, map_remote
+from lensflow.tasks.core.config import CONF_DIR, ConfigError
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.registry import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -234,7 +234,7 @@ def test_node_loss_during_per_layer_tasks_reruns_them(cluster):
     result comes back in order."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from lensflow.tasks.actors import connect
+    from lensflow.tasks.core.actors import connect
 
     conf = load_config(None, [*TINY, *cluster.sets("tasks")])
     connect(conf.ray)
@@ -307,8 +307,8 @@ def test_default_address_never_joins_a_stale_cluster():
     (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
     code = f"""
 import ray
-from lensflow.tasks.actors import connect
-from lensflow.tasks.config import ConfigError, RayConf
+from lensflow.tasks.core.actors import connect
+from lensflow.tasks.core.config import ConfigError, RayConf
 try:
     connect(RayConf(address="{dead}", connect_timeout_s=3))
 except ConfigError as exc:

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from lensflow.tasks.config import ConfigError, load_config
-from lensflow.tasks.data import load_prompts
-from lensflow.tasks.models import check_mappable
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.models import check_mappable
+from lensflow.tasks.core.prompts import load_prompts
+from lensflow.tasks.registry import load_config
 
 
 def test_defaults_and_override_types():

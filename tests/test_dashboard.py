@@ -12,9 +12,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from lensflow.tasks import tracking  # noqa: E402
-from lensflow.tasks.config import load_config  # noqa: E402
-from lensflow.tasks.metric_names import SCHEMA, SCHEMA_TAG, metric_key, section  # noqa: E402
+from lensflow.tasks.core import tracking  # noqa: E402
+from lensflow.tasks.core.metric_names import SCHEMA, SCHEMA_TAG, metric_key, section  # noqa: E402
+from lensflow.tasks.registry import load_config  # noqa: E402
 
 
 def test_sections_keep_headlines_apart_from_details_and_bookkeeping():

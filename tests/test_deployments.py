@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from loopback import BIN, answers, free_port, kill_tree, wait_until
 from mlflow.tracking import MlflowClient
 
-from loopback import BIN, answers, free_port, kill_tree, wait_until
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.registry import EXPERIMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 POOL, NIGHTLY = "lensflow-gpu", "extract/lensflow-extract"
@@ -115,11 +116,13 @@ def state_names(server: PrefectServer, run_id: str) -> list[str]:
     return [s["name"] for s in r.json()]
 
 
-def test_all_six_flows_deploy_with_the_nightly_schedule(deployed):
+def test_every_registered_flow_deploys_with_the_nightly_schedule(deployed):
     server, *_ = deployed
     deployments = {d["name"]: d for d in server.post("/deployments/filter")}
-    assert set(deployments) == {f"lensflow-{f}" for f in ("extract", "future-lens", "function-vectors",
-                                                            "logit-lens", "multilingual", "causal-trace")}
+    assert set(deployments) == {f"lensflow-{name}" for name in EXPERIMENTS}
+    for name, exp in EXPERIMENTS.items():  # each deployment runs the flow the registry names
+        module, fn = exp.flow.split(":")
+        assert deployments[f"lensflow-{name}"]["entrypoint"] == f"{module.replace('lensflow.', '').replace('.', '/')}.py:{fn}"
     assert all(d["global_concurrency_limit"]["limit"] == 1 for d in deployments.values())
     assert all(d["concurrency_options"]["collision_strategy"] == "ENQUEUE" for d in deployments.values())
     nightly = deployments["lensflow-extract"]

@@ -12,13 +12,12 @@ import pytest
 import ray
 import torch
 import zarr
-
 from loopback import wait_until
 
-from lensflow.tasks import extraction, store
-from lensflow.tasks.actors import ModelPool
-from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.models import load_model
+from lensflow.tasks.core import extraction, store
+from lensflow.tasks.core.actors import ModelPool
+from lensflow.tasks.core.models import load_model
+from lensflow.tasks.core.prompts import builtin_texts
 
 
 def reference(conf, texts, layers, positions="last"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from lensflow.flows.extract import extract_flow
-from lensflow.tasks import store
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.core import store
+from lensflow.tasks.core.metric_names import metric_key
 
 
 def test_extract_flow_logs_run(ray_session, prefect_harness, tmp_path, tracking_uri):

@@ -10,10 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks.function_vectors import function_vector, indirect_effects, last_token_logits, mean_head_outputs
-from lensflow.tasks.icl import Template, answer_token, available_icl_tasks, demonstrations, load_pairs, \
-    scored_prompt, split
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.function_vectors.heads import (
+    function_vector,
+    indirect_effects,
+    last_token_logits,
+    mean_head_outputs,
+)
+from lensflow.tasks.function_vectors.icl import (
+    Template,
+    answer_token,
+    available_icl_tasks,
+    demonstrations,
+    load_pairs,
+    scored_prompt,
+    split,
+)
 
 
 @pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
@@ -129,7 +141,7 @@ def test_prompt_format_and_split():
 
 
 def test_answer_is_first_token_of_continuation():
-    from lensflow.tasks.models import tiny_tokenizer
+    from lensflow.tasks.core.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
     prompt = "Q: hot\nA:"
@@ -142,7 +154,7 @@ def test_answer_is_first_token_of_continuation():
 def test_scored_prompt_skips_leading_whitespace_tokens():
     """A digit-splitting tokenizer writes " 72" as " ", "7", "2" (SmolLM2); the byte-level tiny tokenizer does the
     same to every word. The bare space is never the scored answer: it ends the prompt."""
-    from lensflow.tasks.models import tiny_tokenizer
+    from lensflow.tasks.core.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
     byte = {c: tok(c, add_special_tokens=False)["input_ids"][0] for c in "7c "}
@@ -158,7 +170,7 @@ def test_builtin_and_user_icl_tasks(tmp_path):
     assert load_pairs("antonym")[0] == ("hot", "cold")
     (tmp_path / "mine.json").write_text(json.dumps([{"input": str(i), "output": str(i + 1)} for i in range(8)]))
     assert load_pairs("mine", [str(tmp_path)])[2] == ("2", "3")
-    from lensflow.tasks.config import ConfigError
+    from lensflow.tasks.core.config import ConfigError
     with pytest.raises(ConfigError):
         load_pairs("nope")
 
@@ -168,7 +180,7 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     from safetensors.numpy import load_file
 
     from lensflow.flows.function_vectors import function_vectors_flow
-    from lensflow.tasks.tracking import local_uri
+    from lensflow.tasks.core.tracking import local_uri
 
     overrides = [
         "model.name=tiny-llama", f"tracking.uri={tracking_uri}", f"store.root={tmp_path / 'store'}", "ray.actors=1",

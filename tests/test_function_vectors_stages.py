@@ -13,14 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks import fv_eval, fv_sweep
-from lensflow.tasks.config import ConfigError, FunctionVectorsConf, load_config
-from lensflow.tasks.fv_choices import FvPlan, choose_layer, default_top_k, plan, top_heads, transfer_jobs
-from lensflow.tasks.fv_eval import LayerCurve
-from lensflow.tasks.fv_sweep import IclTaskJob, IclTasks, IclTaskSweep, Sweeps, load_icl_tasks
-from lensflow.tasks.icl import load_pairs, split
-from lensflow.tasks.models import ModelInfo, describe
-from lensflow.tasks.stages import ModelId
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.models import ModelInfo, describe
+from lensflow.tasks.core.stages import ModelId
+from lensflow.tasks.function_vectors import evaluation as fv_eval
+from lensflow.tasks.function_vectors import patching as fv_sweep
+from lensflow.tasks.function_vectors.choices import (
+    FvPlan,
+    choose_layer,
+    default_top_k,
+    plan,
+    top_heads,
+    transfer_jobs,
+)
+from lensflow.tasks.function_vectors.config import FunctionVectorsConf
+from lensflow.tasks.function_vectors.evaluation import LayerCurve
+from lensflow.tasks.function_vectors.icl import load_pairs, split
+from lensflow.tasks.function_vectors.patching import (
+    IclTaskJob,
+    IclTasks,
+    IclTaskSweep,
+    Sweeps,
+    load_icl_tasks,
+)
+from lensflow.tasks.registry import load_config
 
 SMALL = ["function_vectors.n_shots=3", "function_vectors.n_clean=2", "function_vectors.n_shuffled=1",
          "function_vectors.n_test=4", "function_vectors.n_valid=4", "function_vectors.demo_sets=2",

@@ -10,16 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks.config import ModelConf
-from lensflow.tasks.future_lens_metrics import score
-from lensflow.tasks.future_lens_samples import (PrepItem, Window, candidate_windows, memory_batches, prepare_windows,
-                                                scan_texts)
-from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.models import load_model
-from lensflow.tasks.ngram import NGram, context_for
-from lensflow.tasks.ridge import RidgeStats, fit_ridge
-from lensflow.tasks.soft_prompt import evaluate_prompt, prompt_embeddings, train_soft_prompt, transplant_logits
-from lensflow.tasks.vocab_probe import fit_vocab_probe
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.hooks import Read, trace
+from lensflow.tasks.core.models import load_model
+from lensflow.tasks.future_lens.metrics import score
+from lensflow.tasks.future_lens.ngram import NGram, context_for
+from lensflow.tasks.future_lens.ridge import RidgeStats, fit_ridge
+from lensflow.tasks.future_lens.samples import (
+    PrepItem,
+    Window,
+    candidate_windows,
+    memory_batches,
+    prepare_windows,
+    scan_texts,
+)
+from lensflow.tasks.future_lens.soft_prompt import (
+    evaluate_prompt,
+    prompt_embeddings,
+    train_soft_prompt,
+    transplant_logits,
+)
+from lensflow.tasks.future_lens.vocab_probe import fit_vocab_probe
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door.",
@@ -204,11 +215,11 @@ def test_soft_prompt_training_lowers_kl():
 def tiny_samples(tmp_path_factory):
     """A real (tiny) sample set: activation store written by the extraction's own chunk code, targets by
     prepare_windows; no Ray needed. Returns conf, lm, targets and the extraction, as the flow has them."""
-    from lensflow.tasks import store
-    from lensflow.tasks.config import load_config
-    from lensflow.tasks.extraction import ChunkJob, Extraction, compute_chunk, plan
-    from lensflow.tasks.future_lens_samples import SampleTargets, write_targets
-    from lensflow.tasks.models import describe
+    from lensflow.tasks.core import store
+    from lensflow.tasks.core.extraction import ChunkJob, Extraction, compute_chunk, plan
+    from lensflow.tasks.core.models import describe
+    from lensflow.tasks.future_lens.samples import SampleTargets, write_targets
+    from lensflow.tasks.registry import load_config
 
     lm = load_model(ModelConf(name="tiny-llama", device="cpu"))
     root = tmp_path_factory.mktemp("fl")
@@ -233,7 +244,7 @@ def tiny_samples(tmp_path_factory):
 
 def test_stored_states_feed_the_transplant_exactly(tiny_samples):
     """The store's last-layer state of each prefix, transplanted into any prompt, reproduces the greedy token."""
-    from lensflow.tasks.future_lens_samples import read_block
+    from lensflow.tasks.future_lens.samples import read_block
 
     conf, lm, targets, ex = tiny_samples
     s = targets.samples(ex.url, lm.vocab_size, 8)
@@ -246,19 +257,22 @@ def test_layer_stages_are_published_then_found_without_recomputing(tiny_samples,
     """Every per-layer job trains and scores once and publishes both; a second run finds them (the trainers and
     scorers are never called) and gets the same metrics, which equal the stored state's scores computed
     directly; each run logs the state to its own MLflow run, and the grid reads the soft prompt back from it."""
-    import lensflow.tasks.future_lens as fl
-    from lensflow.tasks import tracking
-    from lensflow.tasks.future_lens_samples import read_block
-    from lensflow.tasks.models import describe
+    import lensflow.tasks.future_lens.methods as fl
+    from lensflow.tasks.core import tracking
+    from lensflow.tasks.core.models import describe
+    from lensflow.tasks.future_lens.report import log_layers
+    from lensflow.tasks.future_lens.samples import read_block
 
     conf, lm, targets, ex = tiny_samples
     info = describe(lm)
 
     def run_all(run):
-        p = fl.plan(conf, info, targets, ex, run)
+        p = fl.plan(conf, info, targets, ex)
         on_lm = [(fl.soft_prompt_job, "soft_prompt"), (fl.fixed_prompt_job, "fixed_prompt"),
                  (fl.linear_hidden_job, "linear_hidden")]
-        return p, [fn(lm, j) for fn, m in on_lm for j in p.jobs[m]] + [fl.linear_vocab_job(j) for j in p.jobs["linear_vocab"]]
+        results = [fn(lm, j) for fn, m in on_lm for j in p.jobs[m]] + [fl.linear_vocab_job(j) for j in p.jobs["linear_vocab"]]
+        log_layers(run, p)  # as the flow does: the report reads each trained layer back from its stage
+        return p, results
 
     with tracking.flow_run(conf, "future-lens") as run:
         p, first = run_all(run)
@@ -285,9 +299,9 @@ def test_layer_stages_are_published_then_found_without_recomputing(tiny_samples,
     assert torch.equal(logged, prompt)
 
     # the grid reads the soft prompt back from the second run: one row (layer 2) by one column per prompt token
-    from lensflow.flows.future_lens import render_grid
+    from lensflow.tasks.future_lens.grid import render_grid
 
-    out = render_grid(conf, "ab cd", run2.run_id, out_dir=targets.url + "_grid")
+    out = render_grid(conf, "ab cd", run_id=run2.run_id, out_dir=targets.url + "_grid")
     page = open(out["html"]).read()
     assert page.count("<tr><th>2</th>") == 1 and page.count("<td ") == len(lm.tokenizer("ab cd")["input_ids"])
     assert open(out["png"], "rb").read(4) == b"\x89PNG"

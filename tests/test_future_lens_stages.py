@@ -6,12 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lensflow.tasks import future_lens as fl
-from lensflow.tasks.config import ConfigError, FutureLensConf, load_config
-from lensflow.tasks.extraction import Extraction
-from lensflow.tasks.future_lens_samples import SampleTargets, Window, kept_rows, split_windows
-from lensflow.tasks.models import ModelInfo
-from lensflow.tasks.stages import ModelId
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.extraction import Extraction
+from lensflow.tasks.core.models import ModelInfo
+from lensflow.tasks.core.stages import ModelId
+from lensflow.tasks.future_lens import methods as fl
+from lensflow.tasks.future_lens.config import FutureLensConf
+from lensflow.tasks.future_lens.samples import (
+    SampleTargets,
+    Window,
+    kept_rows,
+    split_windows,
+)
+from lensflow.tasks.registry import load_config
 
 
 def test_split_holds_out_whole_texts_and_caps_candidates():

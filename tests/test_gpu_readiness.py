@@ -16,11 +16,23 @@ import pytest
 import torch
 import yaml
 
-from lensflow.tasks.config import ConfigError, ModelConf, load_config
-from lensflow.tasks.devices import AUTO_TASK_GPUS, choose_device, loss_scaler, task_gpus
-from lensflow.tasks.models import LM, arch_for, load_model, tiny_config, tiny_tokenizer
-from lensflow.tasks.soft_prompt import prompt_embeddings, train_soft_prompt
-from lensflow.tasks.vocab_probe import VocabProbe
+from lensflow.tasks.core.config import ConfigError, ModelConf
+from lensflow.tasks.core.devices import (
+    AUTO_TASK_GPUS,
+    choose_device,
+    loss_scaler,
+    task_gpus,
+)
+from lensflow.tasks.core.models import (
+    LM,
+    arch_for,
+    load_model,
+    tiny_config,
+    tiny_tokenizer,
+)
+from lensflow.tasks.future_lens.soft_prompt import prompt_embeddings, train_soft_prompt
+from lensflow.tasks.future_lens.vocab_probe import VocabProbe
+from lensflow.tasks.registry import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,23 +84,23 @@ def test_ray_assigned_gpu_without_cuda_refuses_the_cpu(tmp_path):
     worker (Ray's default for GPU tasks is a new process, imports and CUDA context per call)."""
     script = textwrap.dedent("""
         import os, ray
-        from lensflow.tasks.actors import loopback_only
+        from lensflow.tasks.core.actors import loopback_only
         loopback_only()
         ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
 
         @ray.remote(num_gpus=1)
         def load():
-            from lensflow.tasks.config import ConfigError, ModelConf
-            from lensflow.tasks.models import load_model
+            from lensflow.tasks.core.config import ConfigError, ModelConf
+            from lensflow.tasks.core.models import load_model
             try:
                 load_model(ModelConf(name="tiny-llama"))
             except ConfigError as exc:
                 return ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), str(exc)
             return ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), "loaded"
 
-        from lensflow.tasks.actors import map_remote
-        from lensflow.tasks.config import RayConf
-        from lensflow.tasks.devices import task_gpus
+        from lensflow.tasks.core.actors import map_remote
+        from lensflow.tasks.core.config import RayConf
+        from lensflow.tasks.core.devices import task_gpus
         workers = map_remote(lambda _: (os.getpid(), ray.get_gpu_ids()), range(6), "gpu tasks", RayConf(),
                              num_gpus=task_gpus("auto", 1, "k"))
         print(repr((*ray.get(load.remote(), timeout=90), workers)))

@@ -25,14 +25,17 @@ import mlflow
 import psutil
 import pytest
 import zarr
+from loopback import BIN, MlflowServer, answers, free_port, kill_tree, wait_until
 from mlflow.tracking import MlflowClient
-from prefect.settings import Settings  # what the CLI subprocesses read (env, profile), not a test harness's override
+from prefect.settings import (
+    Settings,  # what the CLI subprocesses read (env, profile), not a test harness's override
+)
 
 import lensflow.flows.cli as cli  # sets the CLI's MLflow HTTP retry defaults in this process too
-from lensflow.tasks import tracking
-from lensflow.tasks.config import ConfigError, load_config
-from lensflow.tasks.data import builtin_texts
-from loopback import BIN, MlflowServer, answers, free_port, kill_tree, wait_until
+from lensflow.tasks.core import tracking
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.registry import load_config
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 NO_AWS = {"AWS_EC2_METADATA_DISABLED": "true",  # never ask the cloud metadata address for credentials

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lensflow.tasks.hooks import Edit, Read, trace
+from lensflow.tasks.core.hooks import Edit, Read, trace
 from tests.conftest import FAMILIES
 
 TEXTS = ["The cat sat on the mat", "Hi", "A longer prompt with several words in it"]
@@ -16,8 +16,10 @@ def test_resid_matches_hidden_states(tiny_lms, family):
     lm = tiny_lms[family]
     enc = lm.encode(TEXTS)
     ref = lm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True).hidden_states
-    with trace(lm, reads=[Read("resid", l) for l in range(lm.n_layers + 1)], stop_at=lm.n_layers) as t:
-        assert lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]) is None  # cut before the norm
+    with trace(lm, reads=[Read("resid", l) for l in range(lm.n_layers + 1)]) as t:
+        out = t.forward(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], until=lm.n_layers)
+        after_stop = True  # the stop ends the pass, never the rest of the block
+    assert out is None and after_stop  # cut before the final norm
     for l in range(lm.n_layers):
         torch.testing.assert_close(t["resid", l], ref[l], atol=1e-5, rtol=0)
     # HF's last hidden state is after the final norm; the store keeps the pre-norm stream
@@ -77,3 +79,22 @@ def test_gradients_flow_through_edits(tiny_lms):
         logits = lm.model(input_ids=enc["input_ids"]).logits
     logits[0, -1, 5].backward()
     assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+def test_an_early_stop_computes_nothing_deeper_and_keeps_its_edits(tiny_lms):
+    """until=2: the edit and read at resid 2 apply, no deeper block runs (its read stays empty), and a full pass
+    after it in the same block runs normally."""
+    lm = tiny_lms["llama"]
+    enc = lm.encode(TEXTS[:2])
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    bump = torch.ones(lm.d_model)
+    reads = [Read("resid", 2), Read("resid", 3)]
+    with trace(lm, reads=reads, edits=[Edit("resid", 2, bump, position=0, mode="add")]) as t:
+        assert t.forward(**inputs, until=2) is None
+        assert ("resid", 3) not in t.values
+        stopped = t["resid", 2].clone()
+        full = t.forward(**inputs)
+    assert full is not None and ("resid", 3) in t.values
+    ref = lm.model(**inputs, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(stopped[:, 1:], ref[:, 1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stopped[:, 0], ref[:, 0] + bump, atol=1e-5, rtol=0)

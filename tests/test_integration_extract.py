@@ -15,9 +15,9 @@ import pytest
 import torch
 import zarr
 
-from lensflow.tasks import extraction, store
-from lensflow.tasks.actors import ModelPool
-from lensflow.tasks.data import builtin_texts
+from lensflow.tasks.core import extraction, store
+from lensflow.tasks.core.actors import ModelPool
+from lensflow.tasks.core.prompts import builtin_texts
 
 pytestmark = pytest.mark.integration
 

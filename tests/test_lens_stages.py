@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lensflow.tasks.config import ConfigError
-from lensflow.tasks.lens_report import summarize
-from lensflow.tasks.stages import Stage
-from lensflow.tasks.tuned_lens import TRAINING_KEYS, LayerLenses, lens_config, lens_stages, split
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.stages import Stage
+from lensflow.tasks.lenses.report import summarize
+from lensflow.tasks.lenses.tuned_lens import (
+    TRAINING_KEYS,
+    LayerLenses,
+    lens_config,
+    lens_stages,
+    split,
+)
 
 
 def test_split_holds_out_the_last_prompts():
@@ -77,7 +83,7 @@ def _model_dir(path: Path) -> str:
     """A tiny random Llama with more layers than tiny-llama, so the kill can land between waves of layers."""
     from transformers import AutoModelForCausalLM
 
-    from lensflow.tasks.models import tiny_config, tiny_tokenizer
+    from lensflow.tasks.core.models import tiny_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = tiny_config("llama", vocab_size=len(tok))

@@ -9,12 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.hooks import Read, trace
-from lensflow.tasks.lens_report import load_translators, save_translators
-from lensflow.tasks.lenses import (LensTargets, Readout, Translator, evaluate, final_targets, grid_cells, kl_and_top1,
-                                   prompt_states, token_batches, train_translator)
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.core.hooks import Read, trace
+from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.lenses.readouts import (
+    LensTargets,
+    Readout,
+    Translator,
+    evaluate,
+    final_targets,
+    grid_cells,
+    kl_and_top1,
+    prompt_states,
+    token_batches,
+    train_translator,
+)
+from lensflow.tasks.lenses.report import load_translators, save_translators
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "1 2 3 4 5 6"]
 
@@ -157,7 +167,7 @@ def test_translator_starts_at_identity():
 
 
 def test_translators_round_trip_by_run_id(make_conf):
-    from lensflow.tasks import tracking
+    from lensflow.tasks.core import tracking
 
     conf = make_conf()
     translators = {}
@@ -188,11 +198,12 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     retrains the translators only (store and targets found)."""
     from mlflow.tracking import MlflowClient
 
-    from lensflow.flows.logit_lens import logit_lens_flow, render_grid
-    from lensflow.tasks.config import load_config
-    from lensflow.tasks.data import load_prompts
-    from lensflow.tasks.models import load_model
-    from lensflow.tasks.tracking import local_uri
+    from lensflow.flows.logit_lens import logit_lens_flow
+    from lensflow.tasks.core.models import load_model
+    from lensflow.tasks.core.prompts import load_prompts
+    from lensflow.tasks.core.tracking import local_uri
+    from lensflow.tasks.lenses.report import render_grid
+    from lensflow.tasks.registry import load_config
 
     root = tmp_path / "store"
     overrides = ["model.name=tiny-llama", f"store.root={root}", f"tracking.uri={tracking_uri}",

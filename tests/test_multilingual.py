@@ -11,16 +11,33 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks import store
-from lensflow.tasks.config import ConfigError
-from lensflow.tasks.data.parallel import load_parallel
-from lensflow.tasks.config import MultilingualConf
-from lensflow.tasks.overlap import OverlapJob, active_sets, derangement, jaccard, overlap_stage, pair_overlaps, \
-    sae_active_sets, sae_layer
-from lensflow.tasks.sae import SAEJob, SparseAutoencoder, TrainSpec, evaluate, loss_terms, mixed_blocks, sae_stage, \
-    token_blocks, train, train_sae
-from lensflow.tasks.stages import digest
-
+from lensflow.tasks.core import store
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.stages import digest
+from lensflow.tasks.multilingual.config import MultilingualConf
+from lensflow.tasks.multilingual.overlap import (
+    OverlapJob,
+    active_sets,
+    derangement,
+    jaccard,
+    overlap_stage,
+    pair_overlaps,
+    sae_active_sets,
+    sae_layer,
+)
+from lensflow.tasks.multilingual.parallel import load_parallel
+from lensflow.tasks.multilingual.sae import (
+    SAEJob,
+    SparseAutoencoder,
+    TrainSpec,
+    evaluate,
+    loss_terms,
+    mixed_blocks,
+    sae_stage,
+    token_blocks,
+    train,
+    train_sae,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +247,7 @@ def test_sae_is_published_once_and_found_again_with_its_held_out_metrics(tmp_pat
     acts, data, lengths = _sparse_store(tmp_path, "general", 8, seed=1)
     job = _sae_job(tmp_path, acts.url)
     first = train_sae(job)
-    assert first.trained and job.stage.done("layer_05") and first.run_id is None
+    assert first.trained and job.stage.done("layer_05")
     again = train_sae(job)
     assert not again.trained and again.metrics == first.metrics
     assert all(torch.equal(a, b) for a, b in zip(again.sae.state().values(), first.sae.state().values()))

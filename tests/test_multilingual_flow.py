@@ -20,12 +20,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lensflow.tasks.config import ModelConf
-from lensflow.tasks.models import load_model
-from lensflow.tasks.sae import SparseAutoencoder
-from lensflow.tasks.stages import Item, Stage, digest
-from lensflow.tasks.tracking import load_tensors, local_uri
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.core.models import load_model
+from lensflow.tasks.core.stages import Item, Stage, digest
+from lensflow.tasks.core.tracking import load_tensors, local_uri
+from lensflow.tasks.multilingual.sae import SparseAutoencoder
 
 EN = ["The cat sleeps on the warm mat.", "We walked to the market in the rain.", "Bread needs flour, water and salt.",
       "The train leaves at seven tomorrow.", "My sister plays the violin well.", "Snow covered the quiet village."]

@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from lensflow.tasks.models import describe, load_model
-from lensflow.tasks.config import ModelConf
-from lensflow.tasks.multilingual_plan import load_inputs
-from lensflow.tasks.neurons import NeuronJob, neuron_active_sets, neuron_overlaps, neuron_thresholds
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.models import describe, load_model
+from lensflow.tasks.multilingual.neurons import (
+    NeuronJob,
+    neuron_active_sets,
+    neuron_overlaps,
+    neuron_thresholds,
+)
+from lensflow.tasks.multilingual.plan import load_inputs
 
 TEXTS = ["the cat sat on the mat", "le chat", "un gato grande y negro en la casa", "der Hund schläft", "a b c d e f"]
 

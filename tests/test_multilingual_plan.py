@@ -1,4 +1,4 @@
-"""The multilingual experiment's decisions (tasks/multilingual_plan.py and the stage keys): which layers, pairs
+"""The multilingual experiment's decisions (tasks/multilingual/plan.py and the stage keys): which layers, pairs
 and baseline, the stores it extracts, and what each per-layer stage's key depends on."""
 
 from __future__ import annotations
@@ -8,14 +8,21 @@ import itertools
 import numpy as np
 import pytest
 
-from lensflow.tasks.config import ConfigError, MultilingualConf
-from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.extraction import Extraction
-from lensflow.tasks.models import ModelInfo
-from lensflow.tasks.multilingual_plan import choose_layers, load_inputs, sae_jobs, split_paragraphs, store_confs
-from lensflow.tasks.overlap import parse_pairs
-from lensflow.tasks.sae import SAE_PARAMS, sae_stage
-from lensflow.tasks.stages import ModelId
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.extraction import Extraction
+from lensflow.tasks.core.models import ModelInfo
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.core.stages import ModelId
+from lensflow.tasks.multilingual.config import MultilingualConf
+from lensflow.tasks.multilingual.overlap import parse_pairs
+from lensflow.tasks.multilingual.plan import (
+    choose_layers,
+    load_inputs,
+    sae_jobs,
+    split_paragraphs,
+    store_confs,
+)
+from lensflow.tasks.multilingual.sae import SAE_PARAMS, sae_stage
 
 
 def test_choose_layers_default_stride_keeps_zero_and_the_last_layer():
@@ -91,7 +98,7 @@ def _jobs(conf, general_key="g1", fr_train_key="fr-train-key"):
     sae_text = {"en": Extraction("/s/en-train", "en-train-key", 3, 1, 0, 0, 0.0),
                 "fr": Extraction("/s/fr-train", fr_train_key, 3, 1, 0, 0, 0.0)}
     inputs = load_inputs(conf)
-    return sae_jobs(conf, info, general, sae_text, paragraphs, [0, 3], inputs, None)
+    return sae_jobs(conf, info, general, sae_text, paragraphs, [0, 3], inputs)
 
 
 def test_sae_key_moves_with_each_sae_setting_and_the_store_only(make_conf):

@@ -12,15 +12,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import zarr
 
-from lensflow.tasks import extraction
-from lensflow.tasks.actors import ModelPool
-from lensflow.tasks.data import builtin_texts
-from lensflow.tasks.models import load_model, tiny_config, tiny_tokenizer
-from lensflow.tasks.stages import Item, ModelId, Stage, fingerprint
+from lensflow.tasks.core import extraction
+from lensflow.tasks.core.actors import ModelPool
+from lensflow.tasks.core.models import load_model, tiny_config, tiny_tokenizer
+from lensflow.tasks.core.prompts import builtin_texts
+from lensflow.tasks.core.stages import Item, ModelId, Stage, fingerprint
 
 MODEL = ModelId("m", None, "float32", "w0", "t0")
 

@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lensflow.flows import cli
-from lensflow.tasks import sweeps
-from lensflow.tasks.config import ConfigError
-from lensflow.tasks.metric_names import metric_key
+from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.sweep import grid as sweeps
 
 
 def tiny(tmp_path: Path, tracking_uri: str) -> list[str]:

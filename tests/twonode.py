@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import psutil
-
 from loopback import BIN, answers, free_port, kill_tree, wait_until
 
 NODE2 = "node2"  # the second node's custom resource

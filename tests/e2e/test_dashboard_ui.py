@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from loopback import MlflowServer
+from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
