@@ -3,7 +3,8 @@
 naive     : target distribution recomputed from the last layer every step (a second vocab-sized matmul), KL from
             two full log-softmaxes, autograd's logsumexp, fp32 (what a first implementation writes)
 compact   : the O(d) targets (u = W^T p, c = H(p) + p.b) computed once, the fused logsumexp, fp32
-compact16 : the same with the frozen unembedding in bf16 (the default, lenses.compute_dtype)
+compact16 : the same with the frozen unembedding in bf16
+auto      : the dtype lenses.compute_dtype=auto picks on this machine (tasks/core/kernels.py), printed
 Same states, same translator, one thread (a per-layer Ray task gets one CPU). Prints tokens/s and ratios, and
 checks that the losses agree.
 
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import platform
 import time
 
 import torch
 
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.hooks import Read, trace
+from lensflow.tasks.core.kernels import compute_dtype, cpu_flags
 from lensflow.tasks.core.models import load_model
 from lensflow.tasks.core.prompts import builtin_texts
 from lensflow.tasks.lenses.readouts import (
@@ -62,6 +65,8 @@ def main() -> None:
     h, h_last = t["resid", layer][mask][: args.tokens].float(), t["resid", lm.n_layers][mask][: args.tokens].float()
     readout = Readout.from_lm(lm)
     head16 = copy.deepcopy(readout).to(torch.bfloat16)
+    picked = compute_dtype("auto", torch.device("cpu"), (len(h), lm.d_model, lm.vocab_size))
+    head_auto = copy.deepcopy(readout).to(picked)
     targets = final_targets(readout, h_last)
 
     def make(loss_fn):
@@ -83,10 +88,14 @@ def main() -> None:
         "naive": make(lambda tr: naive_loss(readout, tr, h, h_last)),
         "compact": make(lambda tr: kl_and_top1(readout, tr(h), targets, top1=False)[0].mean()),
         "compact16": make(lambda tr: kl_and_top1(head16, tr(h), targets, top1=False)[0].mean()),
+        "auto": make(lambda tr: kl_and_top1(head_auto, tr(h), targets, top1=False)[0].mean()),
     }
     res = {name: timed(step, args.steps) for name, step in runs.items()}
     base = res["naive"][0]
-    print(f"{args.model}, layer {layer}, {len(h)} tokens/step, vocab {lm.vocab_size}, 1 thread")
+    native = sorted(f for f in cpu_flags() if "bf16" in f) or ["none"]
+    print(f"{args.model}, layer {layer}, {len(h)} tokens/step, vocab {lm.vocab_size}, 1 thread; "
+          f"{platform.processor() or platform.machine()}, native bf16 flags: {' '.join(native)}; "
+          f"auto picks {str(picked).removeprefix('torch.')}")
     print(f"{'variant':10s} {'s/step':>8s} {'tokens/s':>9s} {'speed-up':>9s} {'loss':>9s}")
     for name, (sec, loss) in res.items():
         print(f"{name:10s} {sec:8.3f} {len(h) / sec:9.0f} {base / sec:8.2f}x {loss:9.4f}")

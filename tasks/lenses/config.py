@@ -19,7 +19,9 @@ class LensesConf(Section):
     batch_tokens: int = Field(default=64, gt=0)
     lr: float = Field(default=2e-3, gt=0)  # AdamW, linear decay to zero
     weight_decay: float = Field(default=0.0, ge=0)
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # frozen unembedding matmuls while training
+    # the frozen unembedding matmuls while training: auto = the faster of the two on the machine that trains
+    # (float32 where bfloat16 is not native; tasks/core/kernels.py), recorded with each translator
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     seed: int = 0
     # GPUs per lens Ray task (targets per chunk, translator per layer); auto = 0.25 where the cluster has GPUs, else 0
     gpus_per_task: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"

@@ -175,8 +175,9 @@ def train_translator(
     """Fit one layer's translator by AdamW on KL(final || lens), the learning rate decaying linearly to zero
     over epochs * steps_per_epoch steps; `batches(epoch)` yields (h [B, d], LensTargets).
 
-    The frozen readout runs in `compute_dtype` (bf16 matmuls are ~3x faster on CPUs with AVX-512 BF16 and
-    GPUs; the translator, loss and optimizer stay fp32, so no loss scaling is needed). The translator is created
+    The frozen readout runs in `compute_dtype` (bf16 matmuls are ~3x faster where the hardware has them and
+    up to 7x slower where it does not: tasks/core/kernels.py chooses; the translator, loss and optimizer stay fp32,
+    so no loss scaling is needed). The translator is created
     on the readout's device, where the batches must be. Returns the translator and the per-step losses."""
     torch.manual_seed(seed)
     head = readout if compute_dtype == readout.weight.dtype else copy.deepcopy(readout).to(compute_dtype)

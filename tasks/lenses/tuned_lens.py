@@ -21,6 +21,7 @@ import torch
 from lensflow.tasks.core.actors import connect, map_remote
 from lensflow.tasks.core.config import Config, ConfigError, with_overrides
 from lensflow.tasks.core.devices import cluster_gpus, compute_device, task_gpus
+from lensflow.tasks.core.kernels import compute_dtype
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.core.store import Activations
 from lensflow.tasks.lenses.config import LensesConf
@@ -221,10 +222,11 @@ def _train(job: TranslatorJob, data: _LayerData, readout: Readout) -> Item:
     t0, c0 = time.perf_counter(), time.process_time()
     hp, rows = job.training, job.stages.split.train
     n_train = data.tokens(rows)
+    dtype = compute_dtype(hp.compute_dtype, readout.weight.device, (hp.batch_tokens, *readout.weight.shape[::-1]))
     tr, losses = train_translator(
         readout, lambda epoch: data.batches(rows, hp.seed * 1000 + epoch), data.acts.d_model, hp.epochs, hp.lr,
-        -(-n_train // hp.batch_tokens), hp.weight_decay, getattr(torch, hp.compute_dtype), hp.seed)
-    meta = {"layer": job.layer, "train_tokens": n_train, "losses": losses,
+        -(-n_train // hp.batch_tokens), hp.weight_decay, dtype, hp.seed)
+    meta = {"layer": job.layer, "train_tokens": n_train, "losses": losses, "compute_dtype": str(dtype).removeprefix("torch."),
             "train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0}
     return Item(tr.cpu().tensors(), meta)
 
