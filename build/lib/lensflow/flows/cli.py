@@ -1,0 +1,127 @@
+"""The `lensflow` command: run a flow, render a lens grid, or show a resolved config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+# Prefect reads these at import: no analytics calls from a closed network, and room for a slow first start.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow's HTTP client retries 7 times with back-off factor 2 and a 120 s timeout: minutes before a dead tracking
+# server is reported. 3 tries at 0, 2 and 4 s (plus jitter) fail a dead server in under 10 s.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+from lensflow.tasks.core.config import ConfigError, public_overrides  # noqa: E402
+from lensflow.tasks.core.preflight import preflight  # noqa: E402
+from lensflow.tasks.core.redact import redact_tree  # noqa: E402
+from lensflow.tasks.core.tracking import outage  # noqa: E402
+from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config  # noqa: E402
+
+LENS_GRIDS = {kind: e for e in EXPERIMENTS.values() for kind in e.lens_grids}  # `lensflow lens --lens KIND`
+
+
+def _sweep(args: argparse.Namespace) -> dict:
+    """Validate every point (configs and input files) before Prefect, Ray or MLflow start; then the sweep flow."""
+    from lensflow.flows.sweep import sweep_flow
+    from lensflow.tasks.sweep import grid as sweeps
+
+    if args.file:
+        spec = sweeps.load_sweep(args.file)
+    elif args.flow and args.grid:
+        spec = sweeps.from_command_line(args.flow, args.config, public_overrides(args.overrides), args.grid,
+                                        args.max_parallel, args.deployment)
+    else:
+        raise ConfigError("lensflow sweep: give a FLOW with at least one --grid KEY=a,b,... or --file SWEEP.yaml")
+    sweeps.validate_points(spec)
+    preflight(load_config(spec.config, spec.set), lambda c: None)
+    _one_line_errors()
+    return sweep_flow(sweep=spec.model_dump())
+
+
+class _NoConfigErrors(logging.Filter):
+    """Prefect logs a failed flow's exception with its traceback; a config error is the user's and a tracking outage
+    is the server's, and the CLI prints each as one line, so Prefect's copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        return not (isinstance(exc, ConfigError) or outage(exc) is not None or "ConfigError" in message
+                    or "TrackingUnavailable" in message)
+
+
+def _one_line_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoConfigErrors())
+    # one warning per MLflow retry (and per heartbeat) while a tracking server is down; the outcome is one line
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lensflow", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default="conf/default.yaml", help="YAML config (path, or a name in conf/)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set data.max_prompts=64 (repeatable)")
+
+    run = sub.add_parser("run", help="run a Prefect flow")
+    run.add_argument("flow", choices=sorted(EXPERIMENTS))
+    common(run)
+    lens = sub.add_parser("lens", help="render a layer x token lens grid for a prompt (HTML + PNG, logged to MLflow)")
+    lens.add_argument("prompt")
+    lens.add_argument("--lens", choices=sorted(LENS_GRIDS), default="future")
+    lens.add_argument("--run-id", default=None, help="MLflow run holding the trained soft prompts / tuned lens "
+                                                     "(default: the latest finished run of the matching flow)")
+    common(lens)
+    sweep = sub.add_parser("sweep", help="run a flow over a grid of config values, one nested MLflow run per point")
+    sweep.add_argument("flow", nargs="?", choices=sorted(EXPERIMENTS))
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=a,b,c",
+                       help="a config key and its values; the points are the product of every --grid (repeatable)")
+    sweep.add_argument("--file", help="a sweep file (flow, config, set, grid), e.g. conf/sweeps/fv_layer.yaml")
+    sweep.add_argument("--max-parallel", type=int, default=1, help="points running at once")
+    sweep.add_argument("--deployment", help="run points as runs of this Prefect deployment ('flow/deployment')")
+    common(sweep)
+    show = sub.add_parser("config", help="print the resolved config")
+    common(show)
+    args = p.parse_args(argv)
+
+    try:
+        if args.cmd == "sweep":
+            print(json.dumps(redact_tree(_sweep(args)), indent=2, default=str))
+            return 0
+        conf = load_config(args.config, args.overrides)  # validate before anything starts
+        if args.cmd == "config":
+            print(json.dumps(redact_tree(conf.model_dump(mode="json")), indent=2))
+            return 0
+        if args.cmd == "run":
+            exp = experiment(args.flow)
+            preflight(conf, exp.check_inputs)
+            _one_line_errors()
+            result = exp.flow_function()(config=args.config, overrides=public_overrides(args.overrides))
+            print(json.dumps(redact_tree(result), indent=2, default=str))
+            return 0
+        out = LENS_GRIDS[args.lens].grid_renderer(args.lens)(conf, args.prompt, args.lens, run_id=args.run_id)
+        for kind, path in out.items():
+            print(f"{kind}: {path}")
+        return 0
+    except ConfigError as err:
+        print(f"lensflow: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if (down := outage(err)) is None:
+            raise
+        print(f"lensflow: error: {down}", file=sys.stderr)  # already one redacted line
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

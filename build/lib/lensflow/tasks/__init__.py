@@ -1,0 +1,1 @@
+"""lensflow work units: importable and testable without Prefect or Ray."""

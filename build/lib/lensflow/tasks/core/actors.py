@@ -1,0 +1,335 @@
+"""Ray model actors (`ModelPool.map`) and model-free Ray remote functions (`map_remote`).
+
+Model work goes to long-lived actors (loading a model per task would dominate). Work goes only to actors that
+have started (a request no node can hold is refused before any model loads); an actor lost with its node has its
+items resubmitted to the actors that remain, while Ray restarts it wherever it fits, and it gets work again once
+it is back (a node that returns is used again). Every wait is bounded by ray.timeout_s and fails naming the stage.
+Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks, retried by Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ray
+import torch
+from ray.exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+)
+
+from lensflow.tasks.core.config import Config, ConfigError, ModelConf, RayConf
+from lensflow.tasks.core.models import ModelInfo, describe
+from lensflow.tasks.core.progress import progress
+
+T = TypeVar("T")
+
+
+def connect(conf: RayConf) -> None:
+    """Start a private local Ray on loopback (address "") or join a cluster; idempotent within a process.
+    address="local" never joins a cluster that `ray start` left on the machine (plain ray.init() would, and
+    hangs when that cluster is gone)."""
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in conf.env_vars if k in os.environ}  # an explicit list: no token by accident
+    if conf.address:
+        check_answers(conf)  # ray.init retries a silent address for minutes
+        ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        loopback_only()
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def check_answers(conf: RayConf) -> None:
+    """HOST:PORT and ray://HOST:PORT must accept a connection within ray.connect_timeout_s ("auto" is resolved by
+    Ray from RAY_ADDRESS or the cluster `ray start` left on this machine)."""
+    if conf.address == "auto":
+        return
+    host, _, port = conf.address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=conf.connect_timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"ray.address={conf.address}: nothing answers there within ray.connect_timeout_s="
+                          f"{conf.connect_timeout_s:g} ({exc.strerror or type(exc).__name__})") from None
+
+
+def loopback_only() -> None:
+    """A private local Ray listens on 127.0.0.1 alone (by default GCS, raylet and workers listen on every
+    interface). Ray does this for single-machine clusters on macOS and Windows; the same switch (read by the
+    processes Ray starts, and by this one) turns it on here. Measured: every socket on 127.0.0.1."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _gpus(conf: RayConf) -> float:
+    available = ray.cluster_resources().get("GPU", 0)
+    if conf.gpus_per_actor == "auto":
+        return 1.0 if available >= 1 else 0.0
+    if conf.gpus_per_actor > available:  # Ray would wait forever for GPUs that do not exist
+        raise ConfigError(f"ray.gpus_per_actor={conf.gpus_per_actor:g}: the cluster has {available:g} GPUs")
+    return float(conf.gpus_per_actor)
+
+
+def placed_actors(conf: RayConf, gpus: float, nodes: list[dict]) -> int:
+    """How many actors of conf's size the nodes (Ray resource dicts) can hold at once."""
+
+    def fits(res: dict) -> int:
+        by_cpu = int(res.get("CPU", 0) // conf.cpus_per_actor)
+        return min(by_cpu, int(res.get("GPU", 0) // gpus)) if gpus else by_cpu
+
+    return sum(fits(r) for r in nodes)
+
+
+def live_nodes() -> list[dict]:
+    """Resource dicts of the cluster's live nodes."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def describe_nodes(nodes: list[dict]) -> str:
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
+    return f"{len(nodes)} node(s): {have or 'none live'}"
+
+
+def check_placement(conf: RayConf, gpus: float, actors: int) -> None:
+    """Ray waits forever, silently, for an actor no node can hold: refuse in one line before any model loads."""
+    nodes = live_nodes()
+    placed = placed_actors(conf, gpus, nodes)
+    if placed < actors:
+        raise ConfigError(f"ray.actors={actors} with ray.cpus_per_actor={conf.cpus_per_actor:g} and {gpus:g} GPU "
+                          f"each: the cluster can place {placed} ({describe_nodes(nodes)})")
+
+
+def check_task_fits(desc: str, num_cpus: float, num_gpus: float) -> None:
+    """A Ray task no live node can hold would wait forever: refuse in one line."""
+    nodes = live_nodes()
+    if not any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+        raise ConfigError(f"{desc}: each task asks for {num_cpus:g} CPU and {num_gpus:g} GPU; no node has that "
+                          f"({describe_nodes(nodes)})")
+
+
+def check_store_shared(conf: Config) -> None:
+    """Workers write stage outputs under store.root themselves: on a cluster of several nodes a local folder
+    would be each node's own disk (work silently scattered). An object store, or a folder declared shared."""
+    from lensflow.tasks.core.stages import is_remote
+
+    n = len(live_nodes())
+    if n > 1 and not is_remote(conf.store.root) and not conf.store.shared:
+        raise ConfigError(f"store.root={conf.store.root}: a local folder, and the Ray cluster has {n} nodes; use an "
+                          f"object store (s3://bucket/prefix) or set store.shared=true if every node mounts it there")
+
+
+def _to_cpu(x: Any) -> Any:
+    if torch.is_tensor(x):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+@ray.remote
+class ModelActor:
+    """Holds one model; `call` runs a module-level function fn(lm, item) next to it."""
+
+    def __init__(self, model: dict, torch_threads: int | None):
+        from lensflow.tasks.core.models import load_model
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.lm = load_model(ModelConf(**model))
+
+    def call(self, fn: Callable[..., T], item: Any) -> T:
+        return _to_cpu(fn(self.lm, item))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node id: answers once the model is loaded (again, after a restart)."""
+        return ray.get_runtime_context().get_node_id()
+
+
+LOST = (RayActorError, ObjectLostError)  # the actor (or the node holding its result) is gone: the item is redone
+RETRY_PROBE_S = 1.0  # how soon an actor that was unavailable is asked again whether it is back
+
+
+class ModelPool:
+    """ray.actors model actors, GPU each when the cluster has GPUs; use as a context manager.
+
+    Each actor is probed (`node`) until it answers: only actors that answered get work, so an actor Ray cannot
+    place (or restart) never holds items, and one that comes back after a restart is used again."""
+
+    def __init__(self, conf: Config, size: int | None = None):
+        connect(conf.ray)
+        rc = conf.ray
+        gpus = _gpus(rc)
+        check_placement(rc, gpus, size or rc.actors)
+        check_store_shared(conf)
+        threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
+        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=0)
+        model = conf.model.model_dump()
+        self.timeout_s, self.max_restarts = rc.timeout_s, rc.max_restarts
+        self.actors = [ModelActor.options(**opts).remote(model, threads) for _ in range(size or rc.actors)]
+        self.nodes: dict[int, str] = {}  # live actor -> its node id
+        self._probes: dict[ray.ObjectRef, int] = {}
+        self._retry_at: dict[int, float] = {}
+        self._death: ActorDiedError | None = None
+        for a in range(self.size):
+            self._probe(a)
+        self._info: ModelInfo | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def describe(self) -> ModelInfo:
+        """The model's identity and shape, asked of one actor once per pool."""
+        if self._info is None:
+            self._info = self.map(describe, [None], desc="describe model")[0]
+        return self._info
+
+    def _probe(self, a: int) -> None:
+        self._probes[self.actors[a].node.remote()] = a
+
+    def _lost(self, a: int) -> None:
+        """Actor a failed an item: no more work until its probe answers (after Ray restarted it, if it can)."""
+        if self.nodes.pop(a, None) is not None and a not in self._probes.values():
+            self._probe(a)
+
+    def _answered(self, ref: ray.ObjectRef) -> bool:
+        """Whether the probed actor is up (it then gets work)."""
+        a = self._probes.pop(ref)
+        try:
+            node = ray.get(ref, timeout=self.timeout_s)
+        except ActorDiedError as exc:  # out of restarts, killed, or its model failed to load: gone for good
+            self._death = exc
+            return False
+        except LOST:  # unavailable for now (its node is being declared dead): ask again shortly
+            self._retry_at[a] = time.monotonic() + RETRY_PROBE_S
+            return False
+        self.nodes[a] = node
+        print(f"model actor {a + 1}/{self.size} up on node {node[:8]} ({len(set(self.nodes.values()))} node(s) in use)")
+        return True
+
+    def map(self, fn: Callable[..., T], items: Sequence[Any], desc: str = "", in_flight: int = 2) -> list[T]:
+        """fn(lm, item) for every item, order preserved; at most `in_flight` queued per live actor. Fails naming
+        `desc` when nothing finishes for ray.timeout_s or when every actor is gone for good."""
+        desc = desc or getattr(fn, "__name__", "work")
+        results: list[Any] = [None] * len(items)
+        pending: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (item, actor)
+        todo = list(range(len(items)))[::-1]
+        progressed = time.monotonic()  # an item finished or an actor came up
+        with progress(len(items), desc or getattr(fn, "__name__", "work")) as bar:
+            while todo or pending:
+                self._reprobe()
+                self._submit(fn, items, todo, pending, in_flight)
+                if not pending and not self._probes and not self._retry_at:
+                    cause = [l for l in str(self._death).splitlines() if l.strip()][-1:] or ["unknown"]
+                    raise RuntimeError(f"{desc}: every model actor is gone, {len(todo)} of {len(items)} items not "
+                                       f"done (ray.max_restarts={self.max_restarts}); last: {cause[0][:300]}") \
+                        from self._death
+                left = max(0.0, progressed + self.timeout_s - time.monotonic())
+                waiting = [*pending, *self._probes]
+                if waiting:
+                    wait_s = min(left, RETRY_PROBE_S) if self._retry_at else left
+                    done, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+                else:  # every actor is restarting: only re-asking is left
+                    done = []
+                    time.sleep(min(left, RETRY_PROBE_S))
+                if not done and time.monotonic() - progressed >= self.timeout_s:
+                    raise TimeoutError(f"{desc}: nothing finished in ray.timeout_s={self.timeout_s:g} s "
+                                       f"({len(self.nodes)} of {self.size} model actors up, {len(todo) + len(pending)} "
+                                       f"of {len(items)} items left; cluster {describe_nodes(live_nodes())})")
+                for ref in done:
+                    if ref in self._probes:
+                        if self._answered(ref):
+                            progressed = time.monotonic()
+                        continue
+                    i, a = pending.pop(ref)
+                    try:
+                        results[i] = ray.get(ref, timeout=self.timeout_s)
+                    except LOST:
+                        todo.append(i)  # redone by an actor that is up
+                        self._lost(a)
+                        continue
+                    except GetTimeoutError:
+                        raise TimeoutError(f"{desc}: a finished item's result did not arrive in ray.timeout_s="
+                                           f"{self.timeout_s:g} s") from None
+                    progressed = time.monotonic()
+                    bar.update(1)
+        return results
+
+    def _reprobe(self) -> None:
+        now = time.monotonic()
+        for a, at in list(self._retry_at.items()):
+            if at <= now:
+                del self._retry_at[a]
+                self._probe(a)
+
+    def _submit(self, fn: Callable[..., Any], items: Sequence[Any], todo: list[int],
+                pending: dict[ray.ObjectRef, tuple[int, int]], in_flight: int) -> None:
+        """Top up every live actor to `in_flight` queued items."""
+        load = {a: 0 for a in self.nodes}
+        for _, a in pending.values():
+            if a in load:
+                load[a] += 1
+        for a in load:
+            while todo and load[a] < in_flight:
+                i = todo.pop()
+                pending[self.actors[a].call.remote(fn, items[i])] = (i, a)
+                load[a] += 1
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors, self.nodes, self._probes, self._retry_at = [], {}, {}, {}
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _releasing_gpu_memory(fn: Callable[[Any], T], item: Any) -> T:
+    """fn(item), then the worker's cached GPU blocks back to the device: the worker lives on for the next task, and
+    tasks sharing a GPU (fractional num_gpus) must not hold each other's memory."""
+    try:
+        return fn(item)
+    finally:
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayConf, num_cpus: float = 1,
+               num_gpus: float = 0) -> list[T]:
+    """fn(item) as independent Ray tasks (retried if their worker or node dies), order preserved, with a progress
+    bar; fails naming `desc` when no task finishes for ray.timeout_s."""
+    connect(conf)
+    check_task_fits(desc, num_cpus, num_gpus)
+    # max_calls=0: Ray's default for a GPU task is a fresh worker per call (max_calls=1), which costs a Python
+    # start, the imports and a CUDA context per task: 20 of the 23 s of a SmolLM2 tuned-lens layer on an H100
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=conf.max_restarts, max_calls=0)(
+        _releasing_gpu_memory)
+    refs = [remote.remote(fn, item) for item in items]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    waiting = list(refs)
+    with progress(len(refs), desc, unit="task") as bar:
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=conf.timeout_s)
+            if not done:
+                raise TimeoutError(f"{desc}: no task finished in ray.timeout_s={conf.timeout_s:g} s ({len(waiting)} "
+                                   f"of {len(refs)} left; cluster {describe_nodes(live_nodes())})")
+            results[index[done[0]]] = ray.get(done[0], timeout=conf.timeout_s)
+            bar.update(1)
+    return results

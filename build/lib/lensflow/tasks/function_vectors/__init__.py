@@ -1,0 +1,24 @@
+"""Function vectors (Todd et al., ICLR 2024): a few attention heads carry the task of an in-context prompt."""
+
+from lensflow.tasks.core.config import Config
+from lensflow.tasks.core.experiment import Experiment, Headline
+from lensflow.tasks.function_vectors.config import FunctionVectorsConf
+
+
+def _check_inputs(conf: Config) -> None:
+    from lensflow.tasks.function_vectors.patching import load_icl_tasks
+
+    load_icl_tasks(conf.function_vectors)
+
+
+EXPERIMENT = Experiment(
+    name="function-vectors",
+    flow="lensflow.flows.function_vectors:function_vectors_flow",
+    headline=Headline("fv.layer_sweep.zero_shot_fv.acc", "max", "best"),
+    check_inputs=_check_inputs,
+    section="function_vectors",
+    config=FunctionVectorsConf,
+    # fv.<ICL task>.<metric> (61 ICL tasks x 6) falls through to fv.per_task, out of the headline section
+    metric_sections=(("fv.transfer.", "fv.transfer"), ("fv.mean.", "fv"), ("fv.layer", "fv"), ("fv.top_k", "fv"),
+                     ("fv.tasks", "fv"), ("fv.", "fv.per_task")),
+)

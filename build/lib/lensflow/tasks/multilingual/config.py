@@ -1,0 +1,47 @@
+"""The `multilingual` config section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lensflow.tasks.core.config import Section
+
+
+class MultilingualConf(Section):
+    """Shared multilingual features (Anthropic 2025): per-layer SAEs, then cross-language active-set overlap."""
+
+    class SAE(Section):
+        activation: Literal["topk", "relu"] = "topk"
+        expansion: int = Field(default=4, gt=0)  # width = expansion * d_model
+        k: int = Field(default=32, gt=0)  # topk: active features per token
+        l1: float = Field(default=1e-3, ge=0)  # relu: L1 coefficient on the (unit-decoder) codes
+        steps: int = Field(default=300, gt=0)
+        batch_tokens: int = Field(default=1024, gt=0)
+        lr: float = Field(default=1e-3, gt=0)
+        train_prompts: int = Field(default=512, gt=1)  # general-text prompts whose every token is a sample
+        holdout: float = Field(default=0.1, gt=0, lt=1)  # last fraction of prompts, for variance explained
+        # parallel paragraphs (a seeded choice of indices, the same in every language) that train the SAE beside
+        # the general text and are never measured: an English-only SAE reconstructs other languages poorly
+        train_paragraphs: int = Field(default=50, ge=0)  # of the 120 shipped lines: 70 stay measured
+        general_share: float = Field(default=0.25, ge=0, le=1)  # of training tokens; the rest: languages, equally
+
+    class Neurons(Section):
+        enabled: bool = True
+        quantile: float = Field(default=0.99, gt=0, lt=1)  # active = above this per-neuron quantile on general text
+        threshold: float | None = None  # absolute threshold instead of the calibrated quantile
+        calibration_prompts: int = Field(default=64, gt=0)
+        batch_prompts: int = Field(default=16, gt=0)  # texts per actor call (neuron activations are large)
+
+    languages: list[str] = ["en", "fr", "es", "de"]
+    pairs: list[str] | None = None  # ["en-fr", ...]; None = every pair of `languages`
+    files: dict[str, str] | None = None  # {lang: aligned .txt, one paragraph per line}; None = shipped corpus
+    max_paragraphs: int | None = Field(default=None, gt=1)
+    paragraph_tokens: int = Field(default=128, gt=1)  # paragraphs are truncated to this many tokens
+    layers: list[int] | None = None  # resid layers; None = every `layer_stride`-th layer from 0, plus the last
+    layer_stride: int = Field(default=3, gt=0)
+    skip_first: bool = True  # drop each text's first token (BOS / attention sink) from training and active sets
+    seed: int = 0
+    sae: SAE = SAE()
+    neurons: Neurons = Neurons()

@@ -1,0 +1,104 @@
+"""The multilingual experiment's decisions: its inputs, which layers, which pairs and baseline, the stores it
+extracts and the per-layer SAE jobs. Plain functions, so the flow reads as an outline and each choice is tested
+without Prefect or Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lensflow.tasks.core.actors import connect, map_remote
+from lensflow.tasks.core.config import Config, ConfigError, with_overrides
+from lensflow.tasks.core.devices import cluster_gpus
+from lensflow.tasks.core.extraction import Extraction
+from lensflow.tasks.core.models import ModelInfo
+from lensflow.tasks.core.prompts import load_prompts
+from lensflow.tasks.multilingual.config import MultilingualConf
+from lensflow.tasks.multilingual.overlap import (
+    OverlapJob,
+    SAELayerResult,
+    derangement,
+    overlap_stage,
+    parse_pairs,
+    sae_layer,
+)
+from lensflow.tasks.multilingual.parallel import load_parallel
+from lensflow.tasks.multilingual.sae import SAEJob, TrainSpec, sae_stage
+
+
+@dataclass(frozen=True)
+class MultilingualInputs:
+    corpus: dict[str, list[str]]  # language -> the measured paragraphs, aligned by index
+    pairs: list[tuple[str, str]]
+    perm: np.ndarray  # unrelated baseline: paragraph i against paragraph perm[i] (a derangement)
+    general: list[str]  # general text: SAE training (every token) and neuron calibration (the first prompts)
+    sae_text: dict[str, list[str]]  # language -> the paragraphs that train the SAE beside `general`, never measured
+    train_rows: list[int]  # their line indices in the parallel files (the same in every language)
+
+    @property
+    def n_paragraphs(self) -> int:
+        return len(next(iter(self.corpus.values())))
+
+
+def load_inputs(conf: Config) -> MultilingualInputs:
+    """Everything the run reads, loaded and checked before any store or run exists."""
+    mc = conf.multilingual
+    full = load_parallel(mc.languages, mc.files, mc.max_paragraphs)
+    pairs = parse_pairs(mc.languages, mc.pairs)
+    general = load_prompts(with_overrides(conf, {"data.max_prompts": mc.sae.train_prompts}).data)
+    train = split_paragraphs(len(full[mc.languages[0]]), mc.sae.train_paragraphs, mc.seed)
+    corpus = {lang: [p for i, p in enumerate(paras) if i not in train] for lang, paras in full.items()}
+    sae_text = {lang: [paras[i] for i in train] for lang, paras in full.items()} if train else {}
+    return MultilingualInputs(corpus, pairs, derangement(len(corpus[mc.languages[0]]), mc.seed), general, sae_text,
+                              train)
+
+
+def split_paragraphs(n: int, n_train: int, seed: int) -> list[int]:
+    """The SAE-training paragraphs: a seeded choice of `n_train` of the `n` line indices, the same in every
+    language (sorted); the rest are measured, so every overlap and per-language FVE is on text the SAE never saw."""
+    if n - n_train < 2:
+        raise ConfigError(f"config key 'multilingual.sae.train_paragraphs': {n_train} of {n} parallel paragraphs "
+                          "leaves fewer than 2 to measure")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the baseline's derangement draws from `seed`
+    return sorted(int(i) for i in rng.choice(n, n_train, replace=False))
+
+
+def choose_layers(mc: MultilingualConf, n_layers: int) -> list[int]:
+    """Configured resid layers, or every `layer_stride`-th layer from 0 plus the last."""
+    if mc.layers is not None:
+        bad = [l for l in mc.layers if not 0 <= l <= n_layers]
+        if bad:
+            raise ConfigError(f"config key 'multilingual.layers': {bad} out of range 0..{n_layers}")
+        return sorted(set(mc.layers))
+    return sorted({*range(0, n_layers + 1, mc.layer_stride), n_layers})
+
+
+def store_confs(conf: Config, layers: list[int]) -> tuple[Config, Config]:
+    """(general text, paragraphs): every token of the chosen resid layers; paragraphs cut at paragraph_tokens."""
+    general = with_overrides(conf, {"store.positions": "all", "store.layers": layers, "store.sites": ["resid"]})
+    return general, with_overrides(general, {"data.max_tokens": conf.multilingual.paragraph_tokens})
+
+
+def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, sae_text: dict[str, Extraction],
+             paragraphs: dict[str, Extraction], layers: list[int], inputs: MultilingualInputs) -> list[OverlapJob]:
+    """One job per resid layer: its SAE item keyed by the general store, each language's training-paragraph store
+    and the SAE settings; its overlap item keyed by that SAE stage, the measured paragraph stores, the pairs and
+    the baseline's seed."""
+    mc, sc = conf.multilingual, conf.multilingual.sae
+    train_keys = {lang: ex.key for lang, ex in sae_text.items()}
+    saes = sae_stage(conf.store.root, general.key, sc, mc.skip_first, mc.seed, train_keys)
+    overlaps = overlap_stage(conf.store.root, saes, {l: ex.key for l, ex in paragraphs.items()}, inputs.pairs, mc.seed)
+    spec = TrainSpec(steps=sc.steps, batch_tokens=sc.batch_tokens, lr=sc.lr, l1=sc.l1, seed=mc.seed)
+    urls, train_urls = {l: ex.url for l, ex in paragraphs.items()}, {l: ex.url for l, ex in sae_text.items()}
+    return [OverlapJob(SAEJob(saes, general.url, l, sc.expansion * info.d_model, sc.activation, sc.k, spec, sc.holdout,
+                              mc.skip_first, train_urls, sc.general_share), overlaps, urls, inputs.pairs,
+                       inputs.perm.tolist()) for l in layers]
+
+
+def sae_layers(conf: Config, jobs: list[OverlapJob]) -> list[SAELayerResult]:
+    """One Ray remote call per layer, a whole GPU each where the cluster has GPUs (the model actors are gone by
+    then): a paper-scale SAE is 6.4 GB with Adam and compute-bound, unlike the light lens and probe tasks."""
+    connect(conf.ray)
+    gpus = 1.0 if cluster_gpus() >= 1 else 0.0
+    return map_remote(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)
