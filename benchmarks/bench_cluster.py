@@ -25,6 +25,7 @@ import ray
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the cluster helpers the tests use
 
+from results import emit
 from twonode import S3Server, TwoNodeCluster, wait_for_nodes  # noqa: E402
 
 from lensflow.tasks.core import extraction  # noqa: E402
@@ -100,6 +101,8 @@ def main() -> None:
     median = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     print(json.dumps({"args": vars(args), "runs": runs, "median_tokens_per_s": median,
                       "cluster_vs_local": median["cluster"] / median["local"]}, indent=1))
+    emit("cluster", "extraction tokens/s", "two-node loopback cluster, S3 store", "one machine, local store",
+         median["cluster"] / median["local"])
 
 
 if __name__ == "__main__":

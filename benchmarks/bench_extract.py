@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from results import emit
+
 from lensflow.tasks.core import (
     extraction,  # noqa: E402
     store,  # noqa: E402
@@ -118,6 +120,10 @@ def main():
         "memory_ratio_vs_bare": {m: round(v / mem[base], 3) for m, v in mem.items()},
     }
     print(json.dumps(report, indent=2))
+    emit("extract", "tokens/s", "actor chunk + zarr write", "bare transformers forward",
+         tps["pipeline_compute_write"] / tps[base])
+    emit("extract", "peak extra memory", "actor chunk + zarr write", "bare transformers forward",
+         mem[base] / mem["pipeline_compute_write"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from results import emit
 
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.hooks import Read, trace
@@ -83,6 +84,8 @@ def soft_prompt_throughput(lm, data: dict, layer: int, steps: int, batch: int, c
     for name, sec in (("shared-prompt KV cache", cached), ("plain full sequence", plain)):
         print(f"  {name:24s}{n / sec:10.1f}{sec / steps:9.2f}{sec / steps * conf_steps:24.0f}")
     print(f"  speed-up of the cache: {plain / cached:.2f}x")
+    emit("future_lens", "soft-prompt training time", "shared-prompt KV cache", "full sequence per sample",
+         plain / cached)
 
 
 def linear_approximation(lm, data: dict, layer: int, ks=(1, 5)) -> None:
@@ -114,6 +117,9 @@ def linear_approximation(lm, data: dict, layer: int, ks=(1, 5)) -> None:
     print(f"  {'':24s}{'fit s':>8s}" + "".join(f"{f'P@1 N={n}':>10s}" for n in range(4)) + f"{'vs ridge time':>15s}")
     for name, (sec, m) in res.items():
         print(f"  {name:24s}{sec:8.2f}" + "".join(f"{x['p_at_1']:10.3f}" for x in m) + f"{sec / closed:14.1f}x")
+    sgd_s, sgd = res["Adam MSE, 1000 steps"]
+    emit("future_lens", "linear map fit time", "closed-form ridge", "Adam on squared error, 1000 steps", sgd_s / closed,
+         p_at_1_n1={"ridge": res["closed-form ridge"][1][1]["p_at_1"], "adam": sgd[1]["p_at_1"]})
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+from results import emit
 
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.hooks import Edit, trace
@@ -76,6 +77,8 @@ def main() -> None:
               f"max |diff| {diff:.2e} (largest effect {naive.abs().max().item():.3f})")
     print(f"total: fast {t_fast:.2f} s, naive {t_naive:.1f} s -> speed-up {t_naive / t_fast:.1f}x; "
           f"max abs diff {worst:.2e}")
+    emit("fv_sweep", "time per prompt", "packed single-token head patching", "one forward per head",
+         t_naive / t_fast, max_abs_diff=worst)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import platform
 import time
 
 import torch
+from results import emit
 
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.hooks import Read, trace
@@ -99,6 +100,9 @@ def main() -> None:
     print(f"{'variant':10s} {'s/step':>8s} {'tokens/s':>9s} {'speed-up':>9s} {'loss':>9s}")
     for name, (sec, loss) in res.items():
         print(f"{name:10s} {sec:8.3f} {len(h) / sec:9.0f} {base / sec:8.2f}x {loss:9.4f}")
+    emit("tuned_lens", "training step time", "compact loss, fp32", "naive loss, fp32", base / res["compact"][0])
+    emit("tuned_lens", "training step time", "compact loss, lenses.compute_dtype=auto", "naive loss, fp32",
+         base / res["auto"][0], kernel=str(picked).removeprefix("torch."))
     assert abs(res["compact"][1] - res["naive"][1]) <= 1e-3 * max(1.0, abs(res["naive"][1])), "compact loss != naive loss"
 
 

@@ -6,7 +6,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 # Prefect reads these at import: no analytics calls from a closed network, and room for a slow first start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -22,9 +26,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 from lensflow.tasks.core.config import ConfigError, public_overrides  # noqa: E402
 from lensflow.tasks.core.preflight import preflight  # noqa: E402
 from lensflow.tasks.core.redact import redact_tree  # noqa: E402
-from lensflow.tasks.core.tracking import outage  # noqa: E402
+from lensflow.tasks.core.tracking import close_open_runs, outage  # noqa: E402
 from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config  # noqa: E402
 
+T = TypeVar("T")
+STOP_WAIT_S = 2.0  # for each of Ray and the Prefect server to stop, once a run is stopped
 LENS_GRIDS = {kind: e for e in EXPERIMENTS.values() for kind in e.lens_grids}  # `lensflow lens --lens KIND`
 
 
@@ -64,6 +70,55 @@ def _one_line_errors() -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second signal while stopping: out at once
+        signal.signal(s, signal.SIG_DFL)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def _stoppable(fn: Callable[[], T]) -> T:
+    """fn() in a daemon thread while this, the main thread, waits and takes SIGINT and SIGTERM itself. A flow blocked
+    in Ray or Prefect (whose own SIGTERM handler is swapped in during a flow, and whose retries would run a stage
+    again) cannot delay the stop: main() closes the MLflow runs KILLED and exits, and the interpreter's exit handlers
+    stop Ray, its actors and Prefect's temporary server. Published stages are whole files, so nothing is lost."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exc
+
+    for s in (signal.SIGINT, signal.SIGTERM):  # also where the shell left SIGINT ignored (a background job)
+        signal.signal(s, _stop)
+    worker = threading.Thread(target=target, name="lensflow-flow", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # handlers run in the main thread between joins
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _leave_now(code: int) -> NoReturn:
+    """Exit without waiting for the stopped flow's thread: first stop what would outlive this process (Ray's local
+    processes and the model actors, Prefect's temporary server), each given a few seconds."""
+    import ray
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for stop in (ray.shutdown, SubprocessASGIServer().stop):  # the temporary server is one per process
+        done = threading.Thread(target=stop, daemon=True)
+        done.start()
+        done.join(STOP_WAIT_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lensflow", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -96,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "sweep":
-            print(json.dumps(redact_tree(_sweep(args)), indent=2, default=str))
+            print(json.dumps(redact_tree(_stoppable(lambda: _sweep(args))), indent=2, default=str))
             return 0
         conf = load_config(args.config, args.overrides)  # validate before anything starts
         if args.cmd == "config":
@@ -106,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             exp = experiment(args.flow)
             preflight(conf, exp.check_inputs)
             _one_line_errors()
-            result = exp.flow_function()(config=args.config, overrides=public_overrides(args.overrides))
+            flow = exp.flow_function()
+            result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
         out = LENS_GRIDS[args.lens].grid_renderer(args.lens)(conf, args.prompt, args.lens, run_id=args.run_id)
@@ -116,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lensflow: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        closed = close_open_runs("KILLED")
+        print(f"lensflow: stopped by {signum.name}; MLflow run(s) {', '.join(closed) or '(none open)'} closed as "
+              "KILLED; every published stage is kept, and the same command resumes", file=sys.stderr)
+        _leave_now(128 + signum)
     except Exception as err:
         if (down := outage(err)) is None:
             raise

@@ -110,7 +110,7 @@ def test_noise_is_seeded_per_fact(tiny_lms):
     n1 = draw_noise(a, 3, 8, SETTINGS, 2.0)
     assert torch.equal(n1, draw_noise(a, 3, 8, SETTINGS, 2.0))
     assert not torch.equal(n1, draw_noise(b, 3, 8, SETTINGS, 2.0))
-    assert not torch.equal(n1, draw_noise(a, 3, 8, TraceSettings(3, 3.0, 3, 1), 2.0))
+    assert not torch.equal(n1, draw_noise(a, 3, 8, TraceSettings(3, 3.0, 3, 1, 4096), 2.0))
     assert n1.std().item() == pytest.approx(6.0, rel=0.25)  # noise_scale x std
     first, again = trace_fact(lm, a, SETTINGS), trace_fact(lm, a, SETTINGS)
     assert all(torch.equal(first.probs[s], again.probs[s]) for s in first.probs) and first.corrupted == again.corrupted
@@ -187,7 +187,7 @@ def test_flow_end_to_end(ray_session, prefect_harness, make_conf, tmp_path, trac
     assert out["n_facts"] == 3 and out["n_traced"] == 3 and out["computed"] == 3
 
     lm = load_model(ModelConf(name="tiny-llama"))  # the same seeded weights the actor holds
-    direct = [trace_fact(lm, Fact(**f), TraceSettings(2, 3.0, 2, 0)) for f in facts]
+    direct = [trace_fact(lm, Fact(**f), TraceSettings(2, 3.0, 2, 0, 4096)) for f in facts]
     expected = average_effects(direct)
     for site in ("resid", "mlp", "attn"):
         np.testing.assert_allclose(np.array(out["aie"][site], dtype=float), expected.aie[site], atol=1e-6)

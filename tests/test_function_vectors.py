@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.function_vectors.config import FunctionVectorsConf
 from lensflow.tasks.function_vectors.heads import (
     function_vector,
     indirect_effects,
@@ -18,7 +19,6 @@ from lensflow.tasks.function_vectors.heads import (
     mean_head_outputs,
 )
 from lensflow.tasks.function_vectors.icl import (
-    Template,
     answer_token,
     available_icl_tasks,
     demonstrations,
@@ -26,6 +26,7 @@ from lensflow.tasks.function_vectors.icl import (
     scored_prompt,
     split,
 )
+from lensflow.tasks.function_vectors.patching import template
 
 
 @pytest.fixture(params=["llama", "gpt2", "gptj", "gpt_neox"])
@@ -36,7 +37,7 @@ def lm(request, tiny_lms):
 def _prompt(n_shots=4, seed=0):
     rng = random.Random(seed)
     pairs = [(f"w{i}", f"v{i}") for i in range(20)]
-    return Template().prompt(demonstrations(pairs, n_shots, rng, shuffle_labels=True), "w3")
+    return template(FunctionVectorsConf()).prompt(demonstrations(pairs, n_shots, rng, shuffle_labels=True), "w3")
 
 
 def naive_indirect_effects(lm, text: str, answer: int, means: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def test_sweep_matches_naive_reference(lm):
 
 
 def test_packed_prompts_match_separate_forwards(lm):
-    texts = [Template().prompt([("ab", "cd"), ("ef", "gh")], q) for q in ("x", "yy", "zzz w")]
+    texts = [template(FunctionVectorsConf()).prompt([("ab", "cd"), ("ef", "gh")], q) for q in ("x", "yy", "zzz w")]
     got = last_token_logits(lm, [lm.tokenizer(t)["input_ids"] for t in texts], pack_tokens=1024)
     for row, text in zip(got, texts):
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -126,7 +127,7 @@ def test_function_vector_is_sum_through_out_projection(lm):
 
 
 def test_prompt_format_and_split():
-    tpl = Template()
+    tpl = template(FunctionVectorsConf())
     assert tpl.prompt([("hot", "cold"), ("big", "small")], "up") == "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:"
     pairs = [(str(i), str(-i)) for i in range(40)]
     s = split(pairs, seed=3)

@@ -89,7 +89,7 @@ def test_prepare_matches_plain_forward(lm):
 
 def test_prepare_drops_prefixes_that_retokenize_differently(lm):
     ids = tuple(lm.tokenizer("hello world")["input_ids"])
-    out = prepare_windows(lm, PrepItem([Window(0, ids, 5), Window(0, ids, 5)], max_tokens=4))  # truncated
+    out = prepare_windows(lm, PrepItem([Window(0, ids, 5), Window(0, ids, 5)], max_tokens=4, n_future=4))  # truncated
     assert not out["keep"].any()
 
 

@@ -92,3 +92,49 @@ def test_killed_run_resumes_without_recomputing(ray_session, make_conf, tmp_path
     assert resumed.attrs["complete"] is True
     for k in ("resid", "token_ids", "lengths", "done"):
         assert np.array_equal(resumed[k][:], clean[k][:]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_within_seconds_and_the_rerun_resumes(make_conf, tmp_path, sig):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the process, as `kill` and
+    Kubernetes send it) mid-extraction: exit 130 / 143 within seconds, one line saying so, the MLflow run KILLED,
+    the chunks already published kept, and the same command resumes from them."""
+    from mlflow.tracking import MlflowClient
+
+    from lensflow.tasks.core.tracking import local_uri
+
+    args = ["data.max_prompts=96", "store.chunk_size=8", "data.max_tokens=48", f"store.root={tmp_path / 'store'}"]
+    conf = make_conf(*args, model="smollm2-135m")
+    cmd = [sys.executable, "-m", "lensflow.flows.cli", "run", "extract", "--set", "model.name=smollm2-135m",
+           "--set", f"tracking.uri={conf.tracking.uri}", "--set", "ray.actors=1",
+           "--set", f"tracking.experiment=stop-{sig.name}", *[x for a in args for x in ("--set", a)]]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = 0
+    while proc.poll() is None and done < 2:
+        groups = list(Path(conf.store.root, "activations").glob("*"))
+        try:
+            done = int(zarr.open_group(str(groups[0]), mode="r")["done"][:].sum()) if groups else 0
+        except (KeyError, FileNotFoundError):
+            done = 0
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    t0 = time.monotonic()
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    stopped_s = time.monotonic() - t0
+    print(f"{sig.name}: exit {proc.returncode} after {stopped_s:.1f} s")
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert stopped_s < 10, f"{sig.name} took {stopped_s:.1f} s to stop the run"
+    assert [l for l in err.splitlines() if l.startswith("lensflow: stopped by")] != []
+    client = MlflowClient(local_uri(conf.tracking.uri))
+    (run,) = client.search_runs([client.get_experiment_by_name(f"stop-{sig.name}").experiment_id])
+    assert run.info.status == "KILLED"
+
+    url = str(groups[0])
+    finished = int(zarr.open_group(url, mode="r")["done"][:].sum())
+    assert 2 <= finished < 12 and zarr.open_group(url, mode="r").attrs["complete"] is False
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["chunks_resumed"] == finished and summary["chunks_computed"] == 12 - finished

@@ -145,7 +145,7 @@ def test_training_reduces_reconstruction_loss(activation):
     sae = SparseAutoencoder(16, 64, activation, k=4, seed=0)
     sae.fit_input(torch.from_numpy(data))
     before = evaluate(sae, iter([held]))
-    losses = train(sae, lambda: iter([data[:1000], data[1000:]]), TrainSpec(steps=300, batch_tokens=128, lr=3e-3, l1=1e-3))
+    losses = train(sae, lambda: iter([data[:1000], data[1000:]]), TrainSpec(steps=300, batch_tokens=128, lr=3e-3, l1=1e-3, seed=0))
     after = evaluate(sae, iter([held]))
     assert len(losses) == 300
     assert after["mse"] < 0.3 * before["mse"]

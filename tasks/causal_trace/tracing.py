@@ -44,7 +44,7 @@ class TraceSettings:
     noise_scale: float  # noise std = noise_scale x std of the input embedding matrix's entries
     window: int  # MLP / attention outputs are restored at layers [c - window // 2, c + ceil(window / 2)), clipped
     seed: int
-    batch_tokens: int = 8192  # most tokens per restoration forward pass (memory only; results do not depend on it)
+    batch_tokens: int  # most tokens per restoration forward pass (memory only; results do not depend on it)
 
     def key_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "batch_tokens"}
@@ -124,7 +124,7 @@ def clean_run(lm: LM, enc: Encoded) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def trace_fast(lm: LM, enc: Encoded, noise: torch.Tensor, window: int, batch_tokens: int = 8192
+def trace_fast(lm: LM, enc: Encoded, noise: torch.Tensor, window: int, batch_tokens: int
                ) -> tuple[float, float, dict[str, torch.Tensor]]:
     """(clean P, corrupted P, probs per site) with one batched pass per restored position (and per batch_tokens)."""
     n, T, samples = lm.n_layers, len(enc.ids), noise.shape[0]

@@ -83,9 +83,9 @@ def split(pairs: list[Pair], seed: int, valid: float = 0.15, test: float = 0.15)
 class Template:
     """A demonstration is query + answer + separator; the prompt ends with a bare query."""
 
-    query: str = "Q: {input}\nA:"
-    answer: str = " {output}"
-    separator: str = "\n\n"
+    query: str  # function_vectors.query_template, answer_template, separator
+    answer: str
+    separator: str
 
     def demo(self, pair: Pair) -> str:
         return self.query.format(input=pair[0]) + self.answer.format(output=pair[1]) + self.separator

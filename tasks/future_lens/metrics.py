@@ -11,7 +11,7 @@ from lensflow.tasks.core.models import LM
 LN2 = math.log(2.0)
 
 
-def score(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def score(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
     """Precision@k (target among the k highest logits; ties count against the target) and mean surprisal
     in bits, -log2 p(target), of the normalised distribution."""
     logits = logits.float()

@@ -67,7 +67,7 @@ def candidate_windows(scans: list[dict], text_offset: int = 0) -> list[Window]:
 class PrepItem:
     windows: list[Window]
     max_tokens: int
-    n_future: int = 4
+    n_future: int  # future_lens.n_future
 
 
 @torch.inference_mode()
@@ -168,7 +168,7 @@ class Samples:
     n_train: int
     n_test: int
     vocab_size: int
-    chunk_rows: int = 32
+    chunk_rows: int  # store.chunk_size of the states
 
     @property
     def train(self) -> slice:

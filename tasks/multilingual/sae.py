@@ -186,11 +186,13 @@ def mixed_blocks(streams: list[Callable[[], Iterator[np.ndarray]]], shares: list
 
 @dataclass
 class TrainSpec:
-    steps: int = 300
-    batch_tokens: int = 1024
-    lr: float = 1e-3
-    l1: float = 1e-3
-    seed: int = 0
+    """The training settings of one SAE (their defaults: multilingual.sae.* and multilingual.seed)."""
+
+    steps: int
+    batch_tokens: int
+    lr: float
+    l1: float
+    seed: int
 
 
 def train(sae: SparseAutoencoder, blocks, spec: TrainSpec) -> list[float]:
