@@ -24,6 +24,7 @@ from lensflow.tasks.future_lens.config import FutureLensConf
 from lensflow.tasks.future_lens.metrics import decoded_scores
 from lensflow.tasks.future_lens.ridge import RidgeStats, fit_linear_sgd, fit_ridge
 from lensflow.tasks.future_lens.samples import (
+    Block,
     PrepItem,
     candidate_windows,
     memory_batches,
@@ -57,7 +58,7 @@ def samples(lm, n_texts: int, layer: int, max_tokens: int = 48) -> dict[str, tor
 
 def soft_prompt_throughput(lm, data: dict, layer: int, steps: int, batch: int, conf_steps: int) -> None:
     init = prompt_embeddings(lm, FutureLensConf().soft_prompt_init, 10)
-    batches = memory_batches({k: data[k] for k in ("h", "greedy", "final")}, batch)
+    batches = memory_batches(Block(data["greedy"], data["h"], data["final"]), batch)
     train_soft_prompt(lm, layer, batches, init, 1, 0.1)  # warm-up
     t0 = time.perf_counter()
     train_soft_prompt(lm, layer, batches, init, steps, 0.1)
@@ -70,9 +71,9 @@ def soft_prompt_throughput(lm, data: dict, layer: int, steps: int, batch: int, c
     opt = torch.optim.Adam([soft], lr=1e-3)
     t0 = time.perf_counter()
     for _, mb in zip(range(steps), batches):
-        logits = sp.transplant_logits(lm, soft, layer, mb["h"], mb["greedy"][:, :3], use_cache=False)
+        logits = sp.transplant_logits(lm, soft, layer, mb.h, mb.greedy[:, :3], use_cache=False)
         loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1),
-                                          teacher_logprobs(lm, mb["final"]).flatten(0, 1), log_target=True,
+                                          teacher_logprobs(lm, mb.final).flatten(0, 1), log_target=True,
                                           reduction="batchmean")
         opt.zero_grad()
         loss.backward()

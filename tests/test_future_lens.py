@@ -17,6 +17,7 @@ from lensflow.tasks.future_lens.metrics import score
 from lensflow.tasks.future_lens.ngram import NGram, context_for
 from lensflow.tasks.future_lens.ridge import RidgeStats, fit_ridge
 from lensflow.tasks.future_lens.samples import (
+    Block,
     PrepItem,
     Window,
     candidate_windows,
@@ -186,7 +187,7 @@ def test_vocab_probe_learns_a_linear_code():
     h = torch.randn(n, d, generator=g)
     targets = torch.stack([h[:, :4].argmax(1) * 10 + 3, h[:, 4:8].argmax(1) * 7 + 1], 1)
     vocab = torch.unique(targets)
-    probe, losses = fit_vocab_probe(memory_batches({"h": h, "greedy": targets}, 64), vocab, h.mean(0), h.std(0),
+    probe, losses = fit_vocab_probe(memory_batches(Block(targets, h), 64), vocab, h.mean(0), h.std(0),
                                     n_future=2, rank=8, steps=300, lr=0.03, weight_decay=0.0)
     assert losses[-1] < 0.5 * losses[0]
     for k in range(2):
@@ -204,7 +205,7 @@ def test_soft_prompt_training_lowers_kl():
     enc = lm.encode(texts)
     with trace(lm, reads=[Read("resid", 2, position=enc["last"])]) as t:
         lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    data = {"h": t["resid", 2], "greedy": torch.from_numpy(prep["greedy"]), "final": torch.from_numpy(prep["final"])}
+    data = Block(torch.from_numpy(prep["greedy"]), t["resid", 2], torch.from_numpy(prep["final"]))
     init = prompt_embeddings(lm, "Tell me about", length=10)
     assert init.shape == (10, lm.d_model)
     _, losses = train_soft_prompt(lm, 2, itertools.repeat(data), init, steps=10, lr=0.1)
@@ -249,7 +250,7 @@ def test_stored_states_feed_the_transplant_exactly(tiny_samples):
     conf, lm, targets, ex = tiny_samples
     s = targets.samples(ex.url, lm.vocab_size, 8)
     d = read_block(s, lm.n_layers, s.test)
-    m = evaluate_prompt(lm, prompt_embeddings(lm, "Tell me about"), lm.n_layers, d["h"], d["greedy"], 3, (1,))
+    m = evaluate_prompt(lm, prompt_embeddings(lm, "Tell me about"), lm.n_layers, d.h, d.greedy, 3, (1,))
     assert m[0]["p_at_1"] == 1.0
 
 
@@ -281,9 +282,9 @@ def test_layer_stages_are_published_then_found_without_recomputing(tiny_samples,
     soft = p.jobs["soft_prompt"][0]
     prompt = soft.trained.load("layer_02").tensors["prompt"]
     d = read_block(p.samples, 2, p.samples.test)
-    assert first[0].metrics == evaluate_prompt(lm, prompt, 2, d["h"], d["greedy"], 4, (1, 5))
-    assert first[1].metrics == evaluate_prompt(lm, prompt_embeddings(lm, conf.future_lens.fixed_prompts[0]), 2, d["h"],
-                                               d["greedy"], 4, (1, 5))
+    assert first[0].metrics == evaluate_prompt(lm, prompt, 2, d.h, d.greedy, 4, (1, 5))
+    assert first[1].metrics == evaluate_prompt(lm, prompt_embeddings(lm, conf.future_lens.fixed_prompts[0]), 2, d.h,
+                                               d.greedy, 4, (1, 5))
 
     def boom(*a, **k):
         raise AssertionError("recomputed")

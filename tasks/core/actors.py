@@ -40,14 +40,14 @@ def connect(conf: RayConf) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in conf.env_vars if k in os.environ}  # an explicit list: no token by accident
-    on_sigterm = signal.getsignal(signal.SIGTERM)
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if conf.address:
         check_answers(conf)  # ray.init retries a silent address for minutes
         ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         loopback_only()
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
-    if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+    if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own (sys.exit): the caller's choice stands
 
 

@@ -23,7 +23,7 @@ class Session:
 @contextmanager
 def open_session(conf: Config, flow: str) -> Iterator[Session]:
     prepare(conf.model)  # unmappable models fail, and the embedded GGUF converts once, before any actor starts
-    with tracking.flow_run(conf, flow) as run, ModelPool(conf) as pool:
+    with ModelPool(conf) as pool, tracking.flow_run(conf, flow) as run:  # the actors load while the run opens
         info = pool.describe()
         yield Session(run, pool, info)
         # tagged once the stages are done: a tracking outage then fails the run after its work is in the store

@@ -218,7 +218,7 @@ def soft_prompt_job(lm: LM, job: ProbeJob) -> LayerResult:
 
     def evaluate(state: Item) -> list[dict]:
         test = read_block(s, l, s.test)
-        return evaluate_prompt(lm, state.tensors["prompt"], l, test["h"], test["greedy"], c.eval_batch, tuple(c.ks),
+        return evaluate_prompt(lm, state.tensors["prompt"], l, test.h, test.greedy, c.eval_batch, tuple(c.ks),
                                c.teacher_forcing)
 
     return run_probe(job, _timed(train), evaluate)
@@ -230,7 +230,7 @@ def fixed_prompt_job(lm: LM, job: ProbeJob) -> LayerResult:
 
     def evaluate(_: Item) -> list[dict]:
         test = read_block(s, l, s.test)
-        return evaluate_prompt(lm, prompt_embeddings(lm, job.prompt), l, test["h"], test["greedy"], c.eval_batch,
+        return evaluate_prompt(lm, prompt_embeddings(lm, job.prompt), l, test.h, test.greedy, c.eval_batch,
                                tuple(c.ks), c.teacher_forcing)
 
     return run_probe(job, None, evaluate)
@@ -246,22 +246,22 @@ def linear_hidden_job(lm: LM, job: ProbeJob) -> LayerResult:
         fit, val = RidgeStats(), RidgeStats()
         for sl in blocks(s.train, s.chunk_rows):
             d = read_block(s, l, sl)
-            y = d["final"].flatten(1)
+            y = d.final.flatten(1)
             cut = max(0, min(sl.stop, s.n_train - n_val) - sl.start)
             if cut:
-                fit.add(d["h"][:cut], y[:cut])
+                fit.add(d.h[:cut], y[:cut])
             if cut < y.shape[0]:
-                val.add(d["h"][cut:], y[cut:])
-        groups = int(read_block(s, None, slice(0, 1))["greedy"].shape[1])  # one penalty per offset N
+                val.add(d.h[cut:], y[cut:])
+        groups = int(read_block(s, None, slice(0, 1)).greedy.shape[1])  # one penalty per offset N
         _, _, info = fit_ridge(fit, val, c.ridge, groups)
         w, b, _ = fit_ridge(fit.merge(val), None, c.ridge, groups, chosen=info["ridge"])
         curves: dict = {"ridge_val_mse": list(info["val_mse"].values())}
         if c.hidden_kl_steps:
             d = read_block(s, l, s.train)
-            dm = d["final"].shape[-1]
+            dm = d.final.shape[-1]
             ws, bs = [], []
-            for n in range(d["final"].shape[1]):
-                wn, bn, losses = finetune_hidden_kl(lm, d["h"], d["final"][:, n], w[:, n * dm : (n + 1) * dm],
+            for n in range(d.final.shape[1]):
+                wn, bn, losses = finetune_hidden_kl(lm, d.h, d.final[:, n], w[:, n * dm : (n + 1) * dm],
                                                     b[n * dm : (n + 1) * dm], c.hidden_kl_steps, c.hidden_kl_lr, 64, c.seed)
                 ws.append(wn)
                 bs.append(bn)
@@ -271,8 +271,8 @@ def linear_hidden_job(lm: LM, job: ProbeJob) -> LayerResult:
 
     def evaluate(state: Item) -> list[dict]:
         test = read_block(s, l, s.test)
-        pred = (test["h"] @ state.tensors["w"] + state.tensors["b"]).view(test["h"].shape[0], test["greedy"].shape[1], -1)
-        return decoded_scores(lm, pred, test["greedy"], tuple(c.ks), c.eval_batch)
+        pred = (test.h @ state.tensors["w"] + state.tensors["b"]).view(test.h.shape[0], test.greedy.shape[1], -1)
+        return decoded_scores(lm, pred, test.greedy, tuple(c.ks), c.eval_batch)
 
     return run_probe(job, _timed(train), evaluate)
 
@@ -287,9 +287,9 @@ def linear_vocab_job(job: ProbeJob) -> LayerResult:
         n, s1, s2, targets = 0, 0.0, 0.0, []
         for sl in blocks(s.train, s.chunk_rows):
             d = read_block(s, l, sl)
-            h = d["h"].double()
+            h = d.h.double()
             n, s1, s2 = n + h.shape[0], s1 + h.sum(0), s2 + (h * h).sum(0)
-            targets.append(d["greedy"])
+            targets.append(d.greedy)
         mu = s1 / n
         sd = (s2 / n - mu * mu).clamp_min(0).sqrt().clamp_min(1e-6)
         greedy = torch.cat(targets)
@@ -307,8 +307,8 @@ def linear_vocab_job(job: ProbeJob) -> LayerResult:
     def evaluate(state: Item) -> list[dict]:
         probe = VocabProbe.from_state(state.tensors).to(dev)
         test = read_block(s, l, s.test)
-        return [score(probe.logprobs(test["h"].to(dev), n, s.vocab_size).cpu(), test["greedy"][:, n], tuple(c.ks))
-                for n in range(test["greedy"].shape[1])]
+        return [score(probe.logprobs(test.h.to(dev), n, s.vocab_size).cpu(), test.greedy[:, n], tuple(c.ks))
+                for n in range(test.greedy.shape[1])]
 
     return run_probe(job, _timed(train), evaluate)
 
@@ -330,8 +330,8 @@ def ngram_baseline(plan: FutureLensPlan, texts: list[str], pool: ModelPool) -> N
         seqs = pool.map(tokenize_texts, [[texts[i] for i in plan.train_texts]], desc="tokenize training texts")[0]
         model = NGram(fc.ngram_order, s.vocab_size).fit(seqs)
         test = read_block(s, None, s.test)
-        greedy, x_last = test["greedy"].numpy(), test["x_last"].numpy()
-        return Item(meta={"metrics": [score(ngram_logits(model, x_last, greedy, n), test["greedy"][:, n], tuple(fc.ks))
+        greedy, x_last = test.greedy.numpy(), test.x_last.numpy()
+        return Item(meta={"metrics": [score(ngram_logits(model, x_last, greedy, n), test.greedy[:, n], tuple(fc.ks))
                                       for n in range(greedy.shape[1])]})
 
     item, computed = plan.ngram.get_or_compute("metrics", compute)

@@ -279,14 +279,29 @@ def read_targets(url: str) -> dict:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_block(s: Samples, layer: int | None, rows: slice) -> dict[str, torch.Tensor]:
-    """One contiguous block of rows: h (layer given), greedy, final, x_last as CPU tensors."""
+@dataclass(frozen=True)
+class Block:
+    """Rows of a sample set as CPU tensors (a field is None where it was not read)."""
+
+    greedy: torch.Tensor  # [rows, n_future] the model's own next tokens at T+1..T+N
+    h: torch.Tensor | None = None  # [rows, d] the source layer's state at T
+    final: torch.Tensor | None = None  # [rows, n_future, d] final-layer states at T..T+N-1 (float32)
+    x_last: torch.Tensor | None = None  # [rows] the prefix's last token
+
+    def take(self, idx: torch.Tensor) -> Block:
+        return Block(*(None if v is None else v[idx] for v in (self.greedy, self.h, self.final, self.x_last)))
+
+    @property
+    def rows(self) -> int:
+        return self.greedy.shape[0]
+
+
+def read_block(s: Samples, layer: int | None, rows: slice) -> Block:
+    """One contiguous block of rows; the source layer's states where `layer` is given."""
     g = zarr.open_group(s.targets_url, mode="r")
-    out = {k: torch.from_numpy(np.asarray(g[k][rows])) for k in ("greedy", "final", "x_last")}
-    out["final"] = out["final"].float()
-    if layer is not None:
-        out["h"] = torch.from_numpy(Activations(s.acts_url).layer(layer, rows))
-    return out
+    got = {k: torch.from_numpy(np.asarray(g[k][rows])) for k in ("greedy", "final", "x_last")}
+    h = torch.from_numpy(Activations(s.acts_url).layer(layer, rows)) if layer is not None else None
+    return Block(got["greedy"], h, got["final"].float(), got["x_last"])
 
 
 def blocks(rows: slice, size: int):
@@ -305,20 +320,18 @@ def row_blocks(rows: slice, block: int, seed: int):
 
 
 def minibatches(s: Samples, layer: int, rows: slice, batch: int, block: int, seed: int):
-    """Endless shuffled minibatches of dict(h, greedy, final, x_last), streamed from the stores block by block."""
+    """Endless shuffled minibatches (Blocks), streamed from the stores block by block."""
     g = torch.Generator().manual_seed(seed)
     for sl in row_blocks(rows, max(block, batch), seed):
         data = read_block(s, layer, sl)
         perm = torch.randperm(sl.stop - sl.start, generator=g)
         for i in range(0, perm.numel() - batch + 1 if perm.numel() >= batch else 1, batch):
             idx = perm[i : i + batch]
-            yield {k: v[idx] for k, v in data.items()}
+            yield data.take(idx)
 
 
-def memory_batches(data: dict[str, torch.Tensor], batch: int, seed: int = 0):
-    """Endless random minibatches from in-memory tensors (tests, benchmarks)."""
+def memory_batches(data: Block, batch: int, seed: int = 0):
+    """Endless random minibatches from a Block in memory (tests, benchmarks)."""
     g = torch.Generator().manual_seed(seed)
-    n = next(iter(data.values())).shape[0]
     while True:
-        idx = torch.randint(0, n, (min(batch, n),), generator=g)
-        yield {k: v[idx] for k, v in data.items()}
+        yield data.take(torch.randint(0, data.rows, (min(batch, data.rows),), generator=g))

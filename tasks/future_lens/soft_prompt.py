@@ -92,9 +92,9 @@ def train_soft_prompt(lm: LM, layer: int, batches, init: torch.Tensor, steps: in
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))) + 0.05)
     losses = []
     for _, mb in zip(range(steps), batches):
-        n_future = mb["greedy"].shape[1]
-        target = teacher_logprobs(lm, mb["final"])
-        student = lens_logprobs(lm, soft, layer, mb["h"], mb["greedy"], n_future)
+        n_future = mb.greedy.shape[1]
+        target = teacher_logprobs(lm, mb.final)
+        student = lens_logprobs(lm, soft, layer, mb.h, mb.greedy, n_future)
         loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1).to(student.device), log_target=True,
                         reduction="batchmean") * n_future
         opt.zero_grad()

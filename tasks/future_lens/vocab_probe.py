@@ -67,8 +67,8 @@ def fit_vocab_probe(batches, vocab: torch.Tensor, mu: torch.Tensor, sd: torch.Te
     opt = torch.optim.AdamW([a, b, c], lr=lr, weight_decay=weight_decay)
     losses = []
     for _, mb in zip(range(steps), batches):
-        local = torch.searchsorted(vocab, mb["greedy"].to(dev))
-        z = ((mb["h"].to(dev, torch.float32) - mu) / sd) @ a.T
+        local = torch.searchsorted(vocab, mb.greedy.to(dev))
+        z = ((mb.h.to(dev, torch.float32) - mu) / sd) @ a.T
         logits = torch.einsum("nr,kvr->knv", z, b) + c.unsqueeze(1)
         loss = sum(F.cross_entropy(logits[j], local[:, j]) for j in range(n_future)) / n_future
         opt.zero_grad()
