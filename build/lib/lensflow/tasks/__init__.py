@@ -1,1 +1,0 @@
-"""lensflow work units: importable and testable without Prefect or Ray."""
