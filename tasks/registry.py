@@ -11,10 +11,12 @@ from pydantic import create_model
 
 from lensflow.tasks import (
     causal_trace,
+    editing,
     function_vectors,
     future_lens,
     lenses,
     multilingual,
+    relations,
 )
 from lensflow.tasks.core import config as core_config
 from lensflow.tasks.core.config import Config, ConfigError
@@ -35,6 +37,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     function_vectors.EXPERIMENT,
     multilingual.EXPERIMENT,
     causal_trace.EXPERIMENT,
+    relations.EXPERIMENT,
+    editing.EXPERIMENT,
 )}
 
 LensflowConfig = create_model(
