@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lensflow.tasks.core import tracking
 from lensflow.tasks.core.hooks import Read, trace
 from lensflow.tasks.core.metric_names import metric_key
 from lensflow.tasks.core.prompts import builtin_texts
@@ -250,11 +251,17 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
         agree = (logq.argmax(-1) == logp.argmax(-1)).double().mean().item()
         assert top1[lens][2] == pytest.approx(agree)
 
-    children = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    assert sorted(int(c.data.tags["layer"]) for c in children) == [0, 1, 2, 3]  # the last layer is the identity
-    for c in children:
-        assert len(client.get_metric_history(c.info.run_id, metric_key("train.kl"))) >= 2
-        assert os.path.isfile(c.data.tags["stage"])  # the child run names the published item
+    # the layers this run trained, in its own run (no run per layer): final KL per layer, loss curves, stage items
+    assert not client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    final = history("tuned_lens.training.kl.final")
+    assert sorted(final) == [0, 1, 2, 3]  # the last layer is the identity
+    curves = tracking.load_json(tracking_uri, run_id, "training/tuned_lens_curves.json")
+    assert sorted(int(layer) for layer in curves) == [0, 1, 2, 3]
+    for layer, c in curves.items():
+        assert len(c["kl"]) >= 2 and final[int(layer)] == pytest.approx(c["kl"][-1])
+    rows = tracking.table_rows(tracking_uri, run_id, "training/tuned_lens.json")
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+    assert all(os.path.isfile(r["stage"]) for r in rows)  # each layer's row names the published item
     arts = {a.path for folder in ("plots", "grids", "tuned_lens") for a in client.list_artifacts(run_id, folder)}
     assert {"plots/kl_to_final.png", "plots/top1_agree.png", "grids/logit_lens.png", "grids/tuned_lens.html",
             "tuned_lens/translators.safetensors"} <= arts
@@ -265,6 +272,7 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     assert again["per_layer"] == out["per_layer"]
     assert not client.search_runs([client.get_run(run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{again['run_id']}'")
+    assert not tracking.artifact_files(tracking_uri, again["run_id"], "training")  # nothing trained: no training log
 
     new_lr = logit_lens_flow(config="conf/default.yaml", overrides=[*overrides, "lenses.lr=1e-2"])
     assert (new_lr["trained_layers"], new_lr["evaluated_layers"], new_lr["targets_chunks_computed"]) == (4, 5, 0)

@@ -24,7 +24,7 @@ from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.metric_names import metric_key
 from lensflow.tasks.core.models import load_model
 from lensflow.tasks.core.stages import Item, Stage, digest
-from lensflow.tasks.core.tracking import load_tensors, local_uri
+from lensflow.tasks.core.tracking import artifact_files, load_json, load_tensors, local_uri
 from lensflow.tasks.multilingual.sae import SparseAutoencoder
 
 EN = ["The cat sleeps on the warm mat.", "We walked to the market in the rain.", "Bread needs flour, water and salt.",
@@ -90,15 +90,16 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     assert sorted(hist) == LAYERS
     neuron_steps = client.get_metric_history(run.info.run_id, metric_key("multilingual.neurons.overlap.unrelated.en-fr"))
     assert sorted(m.step for m in neuron_steps) == [1, 3]
-    children = _children(client, run)
-    assert len(children) == len(LAYERS)
-    for child in children:
-        assert len(client.get_metric_history(child.info.run_id, metric_key("sae.loss"))) == STEPS
+    assert _children(client, run) == []  # each layer's SAE training is logged into the flow's run
+    curves = load_json(tracking_uri, run.info.run_id, "training/multilingual_sae_curves.json")
+    assert sorted(int(layer) for layer in curves) == LAYERS
+    assert all(len(c["loss"]) == STEPS for c in curves.values())
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/multilingual_overlap_sae.png", "plots/multilingual_overlap_neurons.png"} <= arts
 
     # the SAE logged to MLflow is the one published in the store
     child = run.data.tags["multilingual.sae.layer_02"]
+    assert child == run.info.run_id  # the run that holds the SAE: the flow's own
     logged = load_tensors(tracking_uri, child, "sae/layer_02.safetensors")
     (stored,) = [n for n in _items(root) if n.startswith("multilingual/sae/") and n.endswith("/layer_02.safetensors")]
     published = _load(root, stored)
@@ -149,6 +150,7 @@ def test_rerun_computes_nothing_and_a_new_k_retrains_only_the_saes(clean, settin
     assert (again["chunks_computed"], again["neuron_stages_computed"]) == (0, 0)
     assert again["sae_trained"] == [] and again["overlaps_measured"] == []
     assert _children(client, client.get_run(again["run_id"])) == []
+    assert not artifact_files(tracking_uri, again["run_id"], "training")  # nothing trained: no training log
     assert again["gap"] == out["gap"] and again["neurons_gap"] == out["neurons_gap"] and again["fve"] == out["fve"]
     assert {name: p.stat().st_mtime_ns for name, p in _items(root).items()} == before
 
@@ -210,3 +212,28 @@ def test_killed_run_resumes_per_layer_and_equals_a_clean_run(clean, settings, tm
         assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in got.tensors), name
         got.meta.pop("run_id", None), want.meta.pop("run_id", None)
         assert json.dumps(got.meta, sort_keys=True) == json.dumps(want.meta, sort_keys=True), name
+
+
+def test_saes_round_trip_through_the_saelens_layout(clean, settings, tmp_path):
+    """Each layer's SAE is exported as a SAELens folder equal to its stage item, and a run importing those folders
+    (`multilingual.sae.pretrained`) trains nothing and measures the same overlaps and FVE as the clean run."""
+    from lensflow.flows.multilingual import multilingual_flow
+    from lensflow.tasks.multilingual.sae import SparseAutoencoder
+    from lensflow.tasks.multilingual.saelens import import_sae
+
+    root, out = clean
+    (sae_dir,) = {p.parent.parent for p in Path(root, "saelens", "multilingual", "sae").rglob("cfg.json")}
+    assert sorted(p.name for p in sae_dir.iterdir()) == [f"layer_{l:02d}" for l in LAYERS]
+    (stored,) = [n for n in _items(root) if n.startswith("multilingual/sae/") and n.endswith("/layer_02.safetensors")]
+    mine = SparseAutoencoder.from_state(_load(root, stored).tensors)
+    theirs = import_sae(sae_dir / "layer_02")
+    x = torch.randn(64, mine.W_dec.shape[1]) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), mine.encode(x), atol=1e-4, rtol=1e-4)
+
+    again = multilingual_flow(config="conf/default.yaml",
+                              overrides=settings(tmp_path / "store2", f"multilingual.sae.pretrained={sae_dir}"))
+    assert again["layers"] == LAYERS
+    for l in LAYERS:
+        assert again["gap"][l] == pytest.approx(out["gap"][l], abs=1e-6)
+        assert again["fve"][l] == pytest.approx(out["fve"][l], abs=1e-4)

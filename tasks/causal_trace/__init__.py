@@ -18,4 +18,8 @@ EXPERIMENT = Experiment(
     check_inputs=_check_inputs,
     section="causal_trace",
     config=CausalTraceConf,
+    # headline: each site's AIE per layer at the last subject token and the last token (the paper's two peaks); the
+    # other token groups and the run's scalars: causal_trace.details
+    metric_sections=(*((f"causal_trace.{site}.aie.{group}", "causal_trace") for site in ("resid", "mlp", "attn")
+                       for group in ("last_subject_token", "last_token")), ("causal_trace.", "causal_trace.details")),
 )

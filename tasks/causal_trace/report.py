@@ -92,13 +92,13 @@ def summary(model: str, ae: AverageEffects, known: Known) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _image(fig) -> np.ndarray:
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+MEASURES = ("which hidden states carry a fact from subject to answer: average indirect effect of restoring the "
+            "residual stream, MLP and attention outputs, per layer and token group")
 
 
 def log_results(run: tracking.RunRef, model: str, known: Known, traced: Traced, ae: AverageEffects) -> str:
     """Curves, heatmaps (artifact + image chart), one example fact's per-token heatmaps, JSON and the summary."""
+    tracking.measures(run, MEASURES)
     for site, m in ae.aie.items():
         for i, g in enumerate(GROUPS):
             tracking.log_series(run, f"causal_trace.{site}.aie.{g}", list(m[i]))
@@ -108,8 +108,7 @@ def log_results(run: tracking.RunRef, model: str, known: Known, traced: Traced, 
     for site, m in ae.aie.items():
         fig = labelled_heatmap(m, GROUPS, f"{model}: AIE, {SITE_TITLES[site]} ({ae.n_facts} facts)", cmap=CMAPS[site],
                                colorbar="average indirect effect")
-        run.client.log_image(run.run_id, _image(fig), key=f"causal_trace.{site}.aie", step=0)
-        tracking.log_figure(run, fig, f"plots/causal_trace_{site}.png")
+        tracking.log_figure(run, fig, f"plots/causal_trace_{site}.png")  # also the image chart causal_trace_<site>
     example = traced.traces[0]
     labels = [tok + ("*" if example.start <= i < example.end else "") for i, tok in enumerate(example.tokens)]
     for site, p in example.probs.items():

@@ -12,6 +12,7 @@ TrackingUnavailable (redacted, one line): stage outputs are in the store, so rer
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,6 +35,7 @@ from lensflow.tasks.core.config import Config, ConfigError, TrackingConf
 from lensflow.tasks.core.metric_names import (
     SCHEMA,
     SCHEMA_TAG,
+    is_headline,
     lower_is_better,
     metric_key,
 )
@@ -45,8 +47,16 @@ HEARTBEAT_S = "lensflow.heartbeat_s"  # the run's own heartbeat period
 CLOSED_BY = "lensflow.closed_by"  # on a stale run: which run closed it, and why
 SWEEP_ID = "lensflow.sweep_id"  # on a sweep's run and on each of its points' runs
 PARENT = "mlflow.parentRunId"  # nests a run under another in the UI (a layer's job, a sweep's point)
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, judges); lensflow's runs are
-# training-style runs with metric charts
+MEASURES = "lensflow.measures"  # on a flow's run: what its experiment measures (the experiment's note reads it)
+# What MLflow 3.17's UI shows is its "workflow type" (GenAI | Model training): the address's `workflowType` query
+# parameter, else the browser's localStorage (`mlflow.workflowType_v1`, written only by the sidebar's switch), else
+# GenAI. The experiment kind tag is not consulted while workflow-based navigation is on, which 3.17.2 hard-wires
+# (its built UI, mlflow/server/js/build: WorkflowTypeProvider, useExperimentKind, shouldEnableWorkflowBasedNavigation;
+# sources: src/common/contexts/WorkflowTypeContext.tsx, src/experiment-tracking/utils/ExperimentKindUtils.tsx,
+# src/common/utils/FeatureUtils.ts). No server setting selects it. lensflow prints and links addresses carrying the
+# parameter (MLflow's own run links drop it: the switch, clicked once, is what a browser keeps); the tag still says
+# what the experiment is (the experiment page's kind selector, and MLflow versions that read it).
+WORKFLOW = "workflowType=machine_learning"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow prints "View run ... at: <tracking URI>" on every set_terminated, credentials included; flow_run prints the
 # link itself, redacted. Read at each call, so this holds for Ray workers and Prefect deployments too.
@@ -137,6 +147,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def ui_address(uri: str, experiment: str, run_id: str | None = None) -> str:
+    """Where a person opens the experiment's runs (or one run) in MLflow's Model training view: the server's address
+    for an http tracking URI, else the `mlflow ui` command for the local database and its default address. The
+    address carries `workflowType=machine_learning`, which MLflow 3.17 honours in any browser profile."""
+    page = f"#/experiments/{experiment}/runs" + (f"/{run_id}" if run_id else "") + f"?{WORKFLOW}"
+    if uri.startswith("http"):
+        return f"{redact(uri).rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {redact(uri)}`, then http://127.0.0.1:5000/{page}"
+
+
 def experiment_id(uri: str, name: str) -> str:
     client = _Client(uri)
     exp = client.get_experiment_by_name(name)
@@ -184,13 +204,16 @@ def flow_run(conf: Config, flow: str) -> Iterator[RunRef]:
     params = [Param(k, redact(str(v))[:6000]) for k, v in conf.flat().items()]
     for i in range(0, len(params), 100):
         client.log_batch(ref.run_id, params=params[i : i + 100])
-    where = redact(uri)
-    if uri.startswith("http"):  # the run's page
-        where = f"{where.rstrip('/')}/#/experiments/{exp}/runs/{ref.run_id}"
-    print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}') at {where}")
+    print(f"MLflow run {ref.run_id} (experiment '{conf.tracking.experiment}'): {ui_address(uri, exp, ref.run_id)}")
     with _terminated(ref), _heartbeat(ref, conf.tracking.heartbeat_s):
         yield ref
-        _summarize(ref, flow, conf.model.name)
+        headline = _summarize(ref, flow, conf.model.name)
+    try:  # once FINISHED, the run is the latest of its flow on the experiment's landing note
+        if headline:
+            save_view(uri, exp, flow, headline)
+        describe_experiment(uri, exp)
+    except (MlflowException, TrackingUnavailable) as exc:  # a convenience: the run itself is complete
+        print(f"MLflow: the experiment's description and saved view were not updated: {redact(str(exc))[:200]}")
 
 
 @contextmanager
@@ -279,17 +302,37 @@ def _heartbeat(ref: RunRef, period_s: float) -> Iterator[None]:
 @contextmanager
 def _terminated(ref: RunRef) -> Iterator[None]:
     """FINISHED when the block completes, FAILED (KILLED on Ctrl-C) and re-raised when it does not. With the server
-    gone the run stays RUNNING and the original error goes on; a later run closes it as stale."""
+    gone the run stays RUNNING and the original error goes on; a later run closes it as stale. While the block runs
+    the run is open: `close_open_runs` (the CLI, on SIGINT or SIGTERM) closes it KILLED, and then nothing here
+    closes it again."""
+    _OPEN[ref.run_id] = ref
     try:
         yield
     except BaseException as exc:
-        if outage(exc) is None:  # a server known to be gone is not asked again (that would cost its retries twice)
+        if _OPEN.pop(ref.run_id, None) is not None and outage(exc) is None:  # a server known gone is not asked again
             try:
                 ref.client.set_terminated(ref.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             except TrackingUnavailable:
                 pass
         raise
-    ref.client.set_terminated(ref.run_id, "FINISHED")
+    if _OPEN.pop(ref.run_id, None) is not None:
+        ref.client.set_terminated(ref.run_id, "FINISHED")
+
+
+_OPEN: dict[str, RunRef] = {}  # runs this process has open, by id
+
+
+def close_open_runs(status: str = "KILLED") -> list[str]:
+    """Close every run this process has open (a flow's, a sweep's): a stopped process's runs are not left RUNNING."""
+    closed = []
+    for run_id in list(_OPEN):
+        if (ref := _OPEN.pop(run_id, None)) is not None:
+            try:
+                ref.client.set_terminated(run_id, status)
+                closed.append(run_id)
+            except Exception:  # noqa: BLE001 - stopping: a server that does not answer must not hold the exit up
+                pass
+    return closed
 
 
 def tag_model(ref: RunRef, info) -> None:
@@ -335,31 +378,156 @@ def log_series(ref: RunRef, name: str, values: list[float] | Mapping[int, float]
     _log(ref, [(name, v, int(s)) for s, v in items])
 
 
-def layer_summaries(curves: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
-    """Best value, best layer and mean of every curve (step = layer) with more than one layer, in a section of
-    their own: the runs table and the bar / parallel-coordinates charts compare runs by scalars."""
-    out = {}
+def layer_summaries(curves: Mapping[str, Mapping[int, float]]) -> list[dict]:
+    """Best value, best layer and mean of every curve (step = layer) with more than one layer, one row each, headline
+    sections first: a table (the run's `summary.json` and its description), not one-point charts."""
+    rows = []
     for key, curve in curves.items():
-        section, name = key.split("/", 1)
-        if len(curve) < 2 or section == "run":  # bookkeeping (per-layer seconds) needs no ranking
+        sec, name = key.split("/", 1)
+        if len(curve) < 2 or sec in ("run", "sweep"):  # bookkeeping (per-layer seconds) needs no ranking
             continue
         pick = min if lower_is_better(name) else max
         best = pick(curve, key=curve.get)
-        out |= {f"{section}.summary/{name}.best": curve[best], f"{section}.summary/{name}.best_layer": best,
-                f"{section}.summary/{name}.mean": float(np.mean(list(curve.values())))}
-    return out
+        rows.append({"key": key, "section": sec, "metric": name, "best": float(curve[best]), "best_layer": int(best),
+                     "mean": float(np.mean(list(curve.values()))), "layers": len(curve),
+                     "better": "lower" if pick is min else "higher"})
+    return sorted(rows, key=lambda r: (not is_headline(f"{r['section']}/"), r["section"], r["metric"]))
 
 
-def _summarize(ref: RunRef, flow: str, model: str) -> None:
-    """At a flow run's successful end: the per-layer summaries and the run's description (MLflow's note)."""
-    summaries = layer_summaries(_CURVES.pop(ref.run_id, {}))
-    if summaries:
-        _log(ref, [(k, v, None) for k, v in summaries.items()])
+def summary_markdown(rows: list[dict], limit: int | None = None) -> str:
+    lines = ["| metric | best | at layer | mean | better |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['metric']}` | {r['best']:.4g} | {r['best_layer']} | {r['mean']:.4g} | {r['better']} |"
+              for r in rows[:limit]]
+    return "\n".join(lines)
+
+
+def _summarize(ref: RunRef, flow: str, model: str) -> list[str]:
+    """At a flow run's successful end: the per-layer summary table (MLflow table artifact `summary.json`) and the run's
+    description (MLflow's note: the headline curves' summary and the run's tables). Returns the run's headline
+    sections."""
+    rows = layer_summaries(_CURVES.pop(ref.run_id, {}))
+    if rows:
+        ref.client.log_table(ref.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file="summary.json")
+    headline = [r for r in rows if is_headline(f"{r['section']}/")]
     tables = "\n\n".join(_NOTES.pop(ref.run_id, []))
-    note = (f"**lensflow {flow}** on `{model}`, commit `{_git_commit()[:10]}`. Metrics are grouped by section "
-            f"(schema {SCHEMA}); `*.summary` sections hold each per-layer curve's best value, best layer and mean."
-            f"\n\n{tables}")
+    note = (f"**lensflow {flow}** on `{model}`, commit `{_git_commit()[:10]}`. The first chart section holds the "
+            f"headline per-layer curves (step = layer); details, training and bookkeeping follow (schema {SCHEMA}). "
+            f"Every curve's best value, best layer and mean: artifact `summary.json`."
+            + (f"\n\n{summary_markdown(headline, 12)}" if headline else "") + f"\n\n{tables}")
     set_tags(ref, {"mlflow.note.content": note[:7000]})
+    return sorted({r["section"] for r in headline})
+
+
+VIEW = "mlflow.sharedViewState."  # + view id: MLflow 3.17 keeps the runs page's saved views as experiment tags
+
+
+def view_id(flow: str) -> str:
+    return f"lensflow-{flow}"
+
+
+def view_address(experiment: str, flow: str) -> str:
+    """The runs page (chart view, Model training) with a flow's saved view applied: only its runs, only its headline
+    charts."""
+    return (f"#/experiments/{experiment}/runs?{WORKFLOW}&compareRunsMode=CHART&viewStateShareKey={view_id(flow)}")
+
+
+def save_view(uri: str, experiment: str, flow: str, sections: list[str]) -> None:
+    """A saved view of the experiment's runs page (its "Views" menu) per flow: the flow's runs, newest first, charts
+    filtered to its headline section. MLflow 3.17 stores a view as the experiment tag `mlflow.sharedViewState.<id>`:
+    {"name", "createdAt", "updatedAt", "state"}, state being the JSON of the page's search facets and UI state (the
+    UI's SavedViewsUtils / useSharedExperimentViewState); rewritten by each run of the flow."""
+    now = int(time.time() * 1000)
+    state = {"searchFilter": f"tags.flow = '{flow}'", "orderByKey": "attributes.start_time", "orderByAsc": False,
+             "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+             "chartsSearchFilter": f"{sections[0]}/", "hideEmptyCharts": True, "runsHiddenMode": "FIRST_10_RUNS"}
+    envelope = {"name": f"{flow}: headline curves", "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    _Client(uri).set_experiment_tag(experiment, VIEW + view_id(flow), json.dumps(envelope))
+
+
+def describe_experiment(uri: str, experiment: str) -> str:
+    """The experiment's description (MLflow's note on the experiment page), a team's landing page: the address of
+    the Model training view, what each flow measures, the latest finished run of each flow with its headline
+    figure. Rewritten at the end of every flow run; returns the markdown."""
+    client = _Client(uri)
+    runs = client.search_runs([experiment], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=500)
+    views = {k for k in client.get_experiment(experiment).tags if k.startswith(VIEW)}
+    latest: dict[str, object] = {}
+    for r in runs:
+        flow = r.data.tags.get("flow")
+        if flow and flow != "sweep" and flow not in latest:
+            latest[flow] = r
+    lines = ["# lensflow results", "",
+             (f"Open the runs in MLflow's **Model training** view: [runs](#/experiments/{experiment}/runs?{WORKFLOW}) "
+              "(MLflow 3.17 picks GenAI or Model training per browser: the `workflowType` in the address, else the "
+              "sidebar's toggle; click **Model training** once). Each run's page opens on its headline per-layer "
+              "curves; `summary.json` holds every curve's best value, best layer and mean."), "",
+             "| flow | what it measures | latest finished run | model | saved view |", "|---|---|---|---|---|"]
+    figures = []
+    for flow, r in sorted(latest.items()):
+        tags, rid = r.data.tags, r.info.run_id
+        link = f"[{r.info.run_name}](#/experiments/{experiment}/runs/{rid}?{WORKFLOW})"
+        view = f"[headline charts]({view_address(experiment, flow)})" if VIEW + view_id(flow) in views else ""
+        lines.append(f"| `{flow}` | {tags.get(MEASURES, '')} | {link} | `{tags.get('model.name', '')}` | {view} |")
+        plots = sorted(f.path for f in client.list_artifacts(rid, "plots") if f.path.endswith(".png"))
+        if plots:
+            figures.append(f"**{flow}** (`{plots[0]}`)\n\n![{flow}](get-artifact?path={plots[0]}&run_uuid={rid})")
+    text = "\n".join(lines) + ("\n\n## Figures of the latest runs\n\n" + "\n\n".join(figures) if figures else "")
+    client.set_experiment_tag(experiment, "mlflow.note.content", text[:7000])
+    return text
+
+
+def measures(ref: RunRef, text: str) -> None:
+    """What the run's experiment measures, one line (the experiment's note lists it per flow)."""
+    set_tags(ref, {MEASURES: " ".join(text.split())})
+
+
+@dataclass
+class LayerTraining:
+    """One layer's training in the flow's own run: its settings (and stage), its curves by name (one value per
+    training step)."""
+
+    layer: int
+    params: dict[str, object]
+    curves: dict[str, list[float]]
+
+
+def log_layer_training(ref: RunRef, name: str, metric_prefix: str, layers: list[LayerTraining]) -> None:
+    """Per-layer training logged into the flow's run, never as runs of their own: `<metric_prefix>.<curve>.final`
+    with step = layer, a table (`training/<name>.json`: one row per layer, its settings and final values), every
+    curve (`training/<name>_curves.json`: layer -> curve -> values) and one figure of them
+    (`plots/<name>_training.png`)."""
+    if not layers:
+        return
+    layers = sorted(layers, key=lambda t: t.layer)
+    names = sorted({c for t in layers for c in t.curves})
+    for curve in names:
+        log_series(ref, f"{metric_prefix}.{curve}.final",
+                   {t.layer: t.curves[curve][-1] for t in layers if t.curves.get(curve)})
+    columns = sorted({k for t in layers for k in t.params} - {"layer"})
+    table = {"layer": [t.layer for t in layers]}
+    table |= {k: [str(t.params.get(k, "")) for t in layers] for k in columns}
+    table |= {f"{n}.final": [t.curves[n][-1] if t.curves.get(n) else None for t in layers] for n in names}
+    table |= {f"{n}.steps": [len(t.curves.get(n, [])) for t in layers] for n in names}
+    ref.client.log_table(ref.run_id, data=table, artifact_file=f"training/{name}.json")
+    ref.client.log_text(ref.run_id, json.dumps({str(t.layer): {n: [float(v) for v in c] for n, c in t.curves.items()}
+                                                for t in layers}), f"training/{name}_curves.json")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.6), squeeze=False)
+    for ax, curve in zip(axes[0], names):
+        colours = plt.cm.viridis(np.linspace(0, 1, len(layers)))
+        for t, colour in zip(layers, colours):
+            if t.curves.get(curve):
+                ax.plot(t.curves[curve], color=colour, linewidth=1, label=f"layer {t.layer}")
+        ax.set(title=curve, xlabel="training step")
+        ax.grid(alpha=0.3)
+    if len(layers) <= 12:
+        axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{name}: training, one curve per layer (dark: first layer)")
+    fig.tight_layout()
+    ref.client.log_figure(ref.run_id, fig, f"plots/{name}_training.png")
+    plt.close(fig)
 
 
 def log_figure(ref: RunRef, fig, artifact_file: str) -> None:
@@ -410,6 +578,19 @@ def load_tensors(tracking_uri: str, run_id: str, artifact_file: str) -> dict:
     return load_file(path)
 
 
+def load_json(tracking_uri: str, run_id: str, artifact_file: str):
+    """A JSON artifact of a run (a table logged with log_table is {"columns": [...], "data": [[...], ...]})."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_file,
+                                               tracking_uri=local_uri(tracking_uri))
+    return json.loads(Path(path).read_text())
+
+
+def table_rows(tracking_uri: str, run_id: str, artifact_file: str) -> list[dict]:
+    """The rows of a table artifact (log_table), as dicts."""
+    table = load_json(tracking_uri, run_id, artifact_file)
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
 def artifact_files(tracking_uri: str, run_id: str, folder: str) -> list[str]:
     """Paths of the artifacts an earlier run logged under `folder`."""
     return [f.path for f in _Client(local_uri(tracking_uri)).list_artifacts(run_id, folder)]
@@ -457,7 +638,8 @@ def check_reusable(tracking_uri: str, run_id: str, model_name: str, weights_hash
 
 @contextmanager
 def child_run(parent: RunRef, name: str, params: Mapping[str, object] | None = None) -> Iterator[RunRef]:
-    """A nested run (e.g. one layer's training job), safe to open inside a Ray worker."""
+    """A nested run, safe to open inside a Ray worker. Per-layer training does not use it (log_layer_training logs
+    into the flow's run): dozens of layer runs crowd the runs list."""
     client = parent.client
     run = client.create_run(parent.experiment_id, run_name=name, tags={PARENT: parent.run_id})
     ref = RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)

@@ -18,7 +18,10 @@ EXPERIMENT = Experiment(
     check_inputs=_check_inputs,
     section="function_vectors",
     config=FunctionVectorsConf,
-    # fv.<ICL task>.<metric> (61 ICL tasks x 6) falls through to fv.per_task, out of the headline section
-    metric_sections=(("fv.transfer.", "fv.transfer"), ("fv.mean.", "fv"), ("fv.layer", "fv"), ("fv.top_k", "fv"),
-                     ("fv.tasks", "fv"), ("fv.", "fv.per_task")),
+    # headline: the per-layer curves (accuracy with the vector added at each layer, AIE and chosen heads per layer);
+    # the run's scalars (means over ICL tasks, the layer, k): fv.details; fv.<ICL task>.<metric> (61 ICL tasks x 6)
+    # falls through to fv.per_task (also one table, fv/per_task.json, and one heatmap)
+    metric_sections=(("fv.transfer.", "fv.transfer"), ("fv.layer_sweep.", "fv"), ("fv.layer_valid.", "fv"),
+                     ("fv.aie.", "fv"), ("fv.heads.", "fv"), ("fv.mean.", "fv.details"), ("fv.layer", "fv.details"),
+                     ("fv.top_k", "fv.details"), ("fv.tasks", "fv.details"), ("fv.", "fv.per_task")),
 )

@@ -71,10 +71,42 @@ class FvRun:
                 "evals": sum(e.computed for e in self.evals), "transfers": sum(t.computed for t in self.transfers)}
 
 
+MEASURES = ("which attention heads carry an in-context task, and where in depth adding their function vector makes "
+            "the model do the task zero-shot: accuracy per layer, average indirect effect per layer")
+
+
+def per_task_figure(evals: list[IclTaskEval], model: str):
+    """One heatmap of every ICL task's accuracies (rows: tasks, columns: icl, zero-shot, +FV, ...)."""
+    import matplotlib.pyplot as plt
+
+    cols = ["icl", *KINDS]
+    m = np.array([[getattr(e.acc, k) for k in cols] for e in evals], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.22 * len(evals) + 1.6))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols)), [c.replace("_", " ") for c in cols], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(evals)), [e.name for e in evals], fontsize=7 if len(evals) > 20 else 9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(f"{model}: accuracy per ICL task ({len(evals)} tasks)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _log_per_task(run: tracking.RunRef, r: FvRun) -> None:
+    """Per-ICL-task results as one MLflow table (`fv/per_task.json`) and one heatmap, besides the metrics."""
+    rows = {"icl_task": [e.name for e in r.evals]}
+    for k in r.evals[0].acc.metrics():
+        rows[k] = [e.acc.metrics()[k] for e in r.evals]
+    run.client.log_table(run.run_id, data=rows, artifact_file="fv/per_task.json")
+    tracking.log_figure(run, per_task_figure(r.evals, r.model), "plots/fv_per_task.png")
+
+
 def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     """Log the run to MLflow; returns the flow's summary."""
     n_tasks, n_swept, n_layers = len(r.evals), len(r.sweeps.icl_tasks), r.sweeps.aie.shape[0]
+    tracking.measures(run, MEASURES)
     _log_heads(run, r)
+    if r.evals:
+        _log_per_task(run, r)
     means = {k: v for k, v in mean_accuracies(r.evals).metrics().items() if k != "n_eval"}
     metrics = {f"fv.{e.name}.{m}": v for e in r.evals for m, v in e.acc.metrics().items()}
     metrics |= {f"fv.mean.{m}": v for m, v in means.items()}
@@ -112,6 +144,10 @@ def _log_heads(run: tracking.RunRef, r: FvRun) -> None:
     sweeps = r.heads_sweeps()
     aie, names = sweeps.aie, sweeps.names
     tracking.log_array(run, aie, "aie.npy")
+    # where the heads are, per layer (step = layer): the strongest head's AIE, and how many of the chosen top-k
+    tracking.log_series(run, "fv.aie.max_head", {layer: float(np.nanmax(row)) for layer, row in enumerate(aie)})
+    chosen = np.bincount([layer for layer, _ in r.heads], minlength=aie.shape[0])
+    tracking.log_series(run, "fv.heads.chosen", {layer: int(n) for layer, n in enumerate(chosen)})
     tracking.log_figure(run, heatmap(aie, f"{r.model}: average indirect effect ({len(names)} ICL tasks)"),
                         "plots/fv_aie.png")
     tracking.log_array(run, sweeps.ie, "fv/indirect_effects.npy")

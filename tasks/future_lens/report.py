@@ -1,6 +1,7 @@
 """What a Future Lens run logs to MLflow: metrics per (method, layer, N) with step = source layer, the paper's
-Figure 4 (Precision@1 against layer, one panel per N), a best-layer table, one child run per trained layer with
-its curves, and the trained tensors as artifacts (what `lensflow lens` reads back by run id)."""
+Figure 4 (Precision@1 against layer, one panel per N), a best-layer table, each trained layer's curves in the flow's
+own run (tracking.log_layer_training), and the trained tensors as artifacts (what `lensflow lens` reads back by run
+id)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from lensflow.tasks.future_lens.samples import SampleTargets
 
 METHODS = ("ngram", "linear_vocab", "linear_hidden", "fixed_prompt", "soft_prompt")  # the figure's curves
+MEASURES = ("how much one hidden state tells about the tokens after the next: Precision@1 of N=0..3 tokens ahead, "
+            "per source layer, for n-gram, linear and learned-prompt readouts")
 
 
 SOFT_PROMPTS = "soft_prompts"  # artifact folder of the learned prompts, one layer_LL.safetensors each
@@ -44,20 +47,20 @@ def prefixed(method: str, metrics: dict[str, float], n: int) -> dict[str, float]
 
 
 def log_layers(run: tracking.RunRef, plan: FutureLensPlan) -> None:
-    """Every trained layer, read back from its stage (found or trained by this run, so each run is complete)."""
-    for jobs in plan.jobs.values():
-        for job in jobs:
-            if job.trained is not None:
-                log_layer(run, job.method, job.layer, job.trained.load(job.item), job.trained.key)
+    """Every trained layer, read back from its stage (found or trained by this run, so each run is complete), into the
+    flow's run (no run per layer): per method, the training curves, their final values per layer (step = layer) and
+    a table of settings and stage keys; the tensors as artifacts (the grid loads them)."""
+    for method, jobs in plan.jobs.items():
+        trained = [log_layer(run, job.method, job.layer, job.trained.load(job.item), job.trained.key)
+                   for job in jobs if job.trained is not None]
+        tracking.log_layer_training(run, f"future_lens_{method}", f"future_lens.training.{method}", trained)
 
 
-def log_layer(run: tracking.RunRef, method: str, layer: int, state: Item, stage_key: str) -> None:
-    """Child run with the layer's curves and settings; the tensors go to the flow's run (the grid loads them)."""
-    params = {"layer": layer, "method": method, **state.meta.get("params", {}), "stage": stage_key}
-    with tracking.child_run(run, f"{method}/layer_{layer:02d}", params) as child:
-        for name, values in state.meta.get("curves", {}).items():
-            tracking.log_series(child, name, values)
+def log_layer(run: tracking.RunRef, method: str, layer: int, state: Item, stage_key: str) -> tracking.LayerTraining:
+    """The layer's tensors as an artifact of the flow's run; its settings and curves for log_layer_training."""
     tracking.log_tensors(run, state.tensors, artifact(method, layer))
+    params = {"method": method, **state.meta.get("params", {}), "stage": stage_key}
+    return tracking.LayerTraining(layer, params, {k: list(v) for k, v in state.meta.get("curves", {}).items()})
 
 
 class Clock:
@@ -126,6 +129,7 @@ def log_run(run: tracking.RunRef, conf: Config, targets: SampleTargets, ex: Extr
             clock: Clock) -> Summary:
     """Every metric with step = source layer, the figure, the summary table, counters and timings."""
     fc, methods = conf.future_lens, results.methods
+    tracking.measures(run, MEASURES)
     per_layer: dict[int, dict[str, float]] = {}
     for method, rs in methods.items():
         for r in rs:

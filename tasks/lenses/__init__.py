@@ -11,7 +11,10 @@ EXPERIMENT = Experiment(
     check_inputs=check_prompts,
     section="lenses",
     config=LensesConf,
-    # lenses.*: per-layer wall and CPU seconds and translator bookkeeping
-    metric_sections=(("lenses.", "run"), ("logit_lens.", "lenses"), ("heldout.", "lenses"), ("tuned_lens.", "lenses")),
+    # lenses.*: per-layer wall and CPU seconds and translator bookkeeping; headline: KL and top-1 agreement per layer of
+    # both lenses (means: lenses.details); translator training: lenses.training
+    metric_sections=(("lenses.", "run"), ("tuned_lens.training.", "lenses.training"),
+                     ("tuned_lens.better_layers", "lenses.details"), ("logit_lens.", "lenses"),
+                     ("tuned_lens.", "lenses")),
     lens_grids={kind: "lensflow.tasks.lenses.report:render_grid" for kind in ("logit", "tuned")},
 )

@@ -30,6 +30,10 @@ from lensflow.tasks.lenses.tuned_lens import (
 )
 
 FLOW = "logit-lens"
+
+
+MEASURES = ("how close each layer, read through the logit lens and the tuned lens, is to the model's output: KL to "
+            "the final layer and top-1 agreement, per layer")
 LENSES = {"logit": "logit_lens", "tuned": "tuned_lens"}  # lens -> metric prefix
 TRANSLATORS_FILE = "tuned_lens/translators.safetensors"
 
@@ -122,17 +126,13 @@ class LensReport:
                 "tuned_beats_logit_below_last": s.tuned_beats_logit_below_last, "per_layer": s.per_layer}
 
 
-def log_layer_training(run: tracking.RunRef, conf: Config, stages: LensStages, r: LayerLenses) -> None:
-    """A child MLflow run per layer this run trained, for people to look at: loss curve, held-out metrics,
-    translator."""
-    params = {"layer": r.layer, **conf.lenses.model_dump(include=set(TRAINING_KEYS))}
-    with tracking.child_run(run, f"tuned-lens-layer-{r.layer:02d}", params) as ref:
-        tracking.set_tags(ref, {"layer": r.layer, "stage": stages.translators.item_url(layer_item(r.layer))})
-        tracking.log_series(ref, "train.kl", r.losses)
-        tracking.log_metrics(ref, {"heldout.logit_lens.kl_to_final": r.logit["kl_to_final"],
-                                   "heldout.tuned_lens.kl_to_final": r.tuned["kl_to_final"],
-                                   "heldout.tuned_lens.top1_agree": r.tuned["top1_agree"]})
-        tracking.log_tensors(ref, r.translator, "translator.safetensors")
+def log_layer_training(run: tracking.RunRef, conf: Config, stages: LensStages, layers: list[LayerLenses]) -> None:
+    """The layers this run trained, in the flow's run (no run per layer): final KL per layer (step = layer), a table
+    of settings and stage items, the loss curves and their figure (tracking.log_layer_training)."""
+    settings = conf.lenses.model_dump(include=set(TRAINING_KEYS))
+    tracking.log_layer_training(run, "tuned_lens", "tuned_lens.training", [
+        tracking.LayerTraining(r.layer, {**settings, "stage": stages.translators.item_url(layer_item(r.layer))},
+                               {"kl": list(r.losses)}) for r in layers if r.trained])
 
 
 def log_lenses(run: tracking.RunRef, conf: Config, stages: LensStages, targets: TargetsResult, done: LayersResult,
@@ -141,6 +141,7 @@ def log_lenses(run: tracking.RunRef, conf: Config, stages: LensStages, targets: 
     the translators, the grids of lenses.grid_prompt, tags and timings."""
     layers = done.layers
     summary = summarize(layers)
+    tracking.measures(run, MEASURES)
     for r in layers:
         tracking.log_metrics(run, {f"{LENSES[lens]}.{k}": v for lens in LENSES for k, v in getattr(r, lens).items()},
                              step=r.layer)
@@ -152,9 +153,7 @@ def log_lenses(run: tracking.RunRef, conf: Config, stages: LensStages, targets: 
     tracking.log_text(run, summary.table() + "\n", "lenses_summary.md")
     for k in ("wall_s", "cpu_s"):  # cpu: the cost per layer on an idle core, whatever else shares the machine
         tracking.log_series(run, f"lenses.layer_{k}", {r.layer: getattr(r, k) for r in layers})
-    for r in layers:
-        if r.trained:
-            log_layer_training(run, conf, stages, r)
+    log_layer_training(run, conf, stages, layers)
     translators = {r.layer: r.translator for r in layers}
     save_translators(run, translators)
     tracking.set_tags(run, {"lenses.translators": stages.translators.url, "lenses.trained_layers": done.trained,

@@ -2,16 +2,32 @@
 paragraph light up the same dictionary features, and where in depth?"""
 
 from lensflow.tasks.core.experiment import Experiment, Headline
-from lensflow.tasks.core.prompts import check_prompts
 from lensflow.tasks.multilingual.config import MultilingualConf
+
+
+def _check_inputs(conf) -> None:  # imported late: plan imports the core's actors and stores
+    from lensflow.tasks.multilingual.plan import check_inputs
+
+    check_inputs(conf)
+
 
 EXPERIMENT = Experiment(
     name="multilingual",
     flow="lensflow.flows.multilingual:multilingual_flow",
     headline=Headline("multilingual.overlap.gap", "max", "best"),
-    check_inputs=check_prompts,
+    check_inputs=_check_inputs,  # the parallel corpus and the general text
     section="multilingual",
     config=MultilingualConf,
-    metric_sections=(("multilingual.sae.", "multilingual.sae"), ("multilingual.neurons.", "multilingual.neurons"),
-                     ("multilingual.overlap.size.", "multilingual.sizes")),
+    # headline: the translated-unrelated gap (SAE features and neurons), translated overlap per pair, SAE FVE, per
+    # layer; unrelated overlaps and standard errors: multilingual.pairs; SAE training: multilingual.training
+    metric_sections=(("multilingual.training.", "multilingual.training"),
+                     ("multilingual.sae.fve.", "multilingual.sae"), ("multilingual.sae.fve", "multilingual"),
+                     ("multilingual.sae.", "multilingual.sae"),
+                     ("multilingual.neurons.overlap.gap_se", "multilingual.neurons"),
+                     ("multilingual.neurons.overlap.gap", "multilingual"),
+                     ("multilingual.neurons.", "multilingual.neurons"),
+                     ("multilingual.overlap.size.", "multilingual.sizes"),
+                     ("multilingual.overlap.gap_se", "multilingual.pairs"),
+                     ("multilingual.overlap.unrelated.", "multilingual.pairs"),
+                     ("multilingual.overlap.", "multilingual"), ("multilingual.", "multilingual.details")),
 )

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from lensflow.tasks.multilingual.plan import MultilingualInputs
 
 KINDS = ("translated", "unrelated")
+MEASURES = ("whether translations of a paragraph activate the same SAE features and MLP neurons: Jaccard overlap "
+            "translated vs unrelated, and its gap, per layer; SAE quality (FVE) per layer")
 
 
 @dataclass(frozen=True)
@@ -106,16 +108,21 @@ def table(results: dict[int, SAELayerResult], gaps: dict[int, float], ngaps: dic
     return "\n".join(rows) + "\n"
 
 
-def log_sae_training(run: RunRef, r: SAELayerResult, store: str) -> str:
-    """A child run for a layer's SAE this run trained: settings, loss curve, held-out metrics, the SAE itself (read
-    back from its stage). Returns the child's run id."""
-    item = r.sae_stage.load(f"layer_{r.layer:02d}")
-    params = {**item.meta["params"], "store": store, "stage_item": r.sae_stage.item_url(f"layer_{r.layer:02d}")}
-    with tracking.child_run(run, f"sae-layer-{r.layer:02d}", params) as child:
-        tracking.log_series(child, "sae.loss", item.meta["losses"])
-        tracking.log_metrics(child, {f"sae.{k}": v for k, v in item.meta["metrics"].items()})
-        tracking.log_tensors(child, item.tensors, f"sae/layer_{r.layer:02d}.safetensors")
-    return child.run_id
+def log_sae_training(run: RunRef, results: list[SAELayerResult], store: str) -> dict[int, str]:
+    """The SAEs this run trained, in the flow's run (no run per layer): settings and stage items (a table), loss
+    curves, final loss and held-out metrics per layer (step = layer), each SAE as `sae/layer_LL.safetensors` (read back
+    from its stage). Returns layer -> the run holding the SAE (this one), the `multilingual.sae.layer_LL` tags."""
+    trained, held = [], {}
+    for r in results:
+        item = r.sae_stage.load(f"layer_{r.layer:02d}")
+        params = {**item.meta["params"], "store": store, "stage_item": r.sae_stage.item_url(f"layer_{r.layer:02d}")}
+        trained.append(tracking.LayerTraining(r.layer, params, {"loss": list(item.meta["losses"])}))
+        held[r.layer] = {f"multilingual.training.sae.{k}": v for k, v in item.meta["metrics"].items()}
+        tracking.log_tensors(run, item.tensors, f"sae/layer_{r.layer:02d}.safetensors")
+    tracking.log_layer_training(run, "multilingual_sae", "multilingual.training.sae", trained)
+    for layer, metrics in held.items():
+        tracking.log_metrics(run, metrics, step=layer)
+    return {r.layer: run.run_id for r in results}
 
 
 def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], results: list[SAELayerResult],
@@ -127,7 +134,8 @@ def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], res
         tracking.log_metrics(run, {"multilingual.sae.fve": r.sae.fve, "multilingual.sae.l0": r.sae.l0,
                                    "multilingual.sae.dead": r.sae.dead,
                                    **{f"multilingual.sae.fve.{lang}": v for lang, v in r.fve_lang.items()}}, step=l)
-    trained = {l: log_sae_training(run, r, stores["multilingual-general"].url) for l, r in by_layer.items() if r.trained}
+    tracking.measures(run, MEASURES)
+    trained = log_sae_training(run, [r for r in by_layer.values() if r.trained], stores["multilingual-general"].url)
     tracking.set_tags(run, {f"multilingual.sae.layer_{l:02d}": child for l, child in trained.items()})
     sae_overlaps = {l: r.overlap for l, r in by_layer.items()}
     gaps = log_overlaps(run, "multilingual.overlap", sae_overlaps)

@@ -9,7 +9,7 @@ import numpy as np
 
 from lensflow.tasks.core import tracking
 from lensflow.tasks.core.experiment import Headline
-from lensflow.tasks.core.metric_names import metric_key
+from lensflow.tasks.core.metric_names import metric_key, section
 from lensflow.tasks.core.plots import layer_curves
 from lensflow.tasks.sweep.grid import Sweep, point_label
 
@@ -22,8 +22,12 @@ class PointResult:
 
 
 def headline_curve(ref: tracking.RunRef, metric: str) -> dict[int, float]:
-    history = ref.client.get_metric_history(ref.run_id, metric_key(metric))
-    return {int(m.step): float(m.value) for m in history if np.isfinite(m.value)}
+    """The headline by step, under its logged key; a point run of an earlier metrics schema (a rerun reuses it) under
+    its key then: `<section>/<name>` (schema 2) or the bare name (schema 1)."""
+    for key in dict.fromkeys((metric_key(metric), f"{section(metric)}/{metric}", metric)):
+        if history := ref.client.get_metric_history(ref.run_id, key):
+            return {int(m.step): float(m.value) for m in history if np.isfinite(m.value)}
+    return {}
 
 
 def table(sweep: Sweep, results: list[PointResult], head: Headline) -> str:
