@@ -6,7 +6,7 @@
      heads' mean outputs through the attention output projection;
   3. layer=auto: the resid layer where the vector works best on the ICL tasks' VALIDATION queries;
   4. per ICL task, on the test queries: accuracy with / without the vector at that layer (zero-shot, shuffled
-     labels, natural-text templates) and a layer sweep;
+     labels, natural-text templates) and a layer scan;
   5. per directed transfer source->target: the target's zero-shot accuracy with its own and with the source's vector.
 Every stage item is found again under store.root: a rerun computes nothing, a new top_k only re-evaluates.
 """
@@ -28,8 +28,8 @@ from lensflow.tasks.function_vectors import (
 )
 from lensflow.tasks.registry import load_config
 
-sweep_icl_tasks = stage(patching.sweep_icl_tasks)
-validation_layer_sweeps = stage(evaluation.validation_layer_sweeps)
+patch_icl_tasks = stage(patching.patch_icl_tasks)
+validation_layer_scans = stage(evaluation.validation_layer_scans)
 evaluate_icl_tasks = stage(evaluation.evaluate_icl_tasks)
 evaluate_transfers = stage(evaluation.evaluate_transfers)
 
@@ -42,14 +42,14 @@ def function_vectors_flow(config: str = "conf/default.yaml", overrides: list[str
     icl = patching.load_icl_tasks(fc)  # unknown ICL tasks and bad task files fail here, before any run or actor
     with open_session(conf, EXPERIMENT.name) as s:
         plan = choices.plan(fc, s.info)  # top_k and layer checked against the model before any work
-        sweeps = sweep_icl_tasks(conf, icl.swept, s.pool)  # ICL tasks only a transfer names: head means only
-        heads = choices.top_heads(sweeps.only(icl.names).aie, plan.top_k)
-        curves = validation_layer_sweeps(conf, icl.selected, sweeps, heads, plan.candidate_layers, s.pool) \
+        patchings = patch_icl_tasks(conf, icl.swept, s.pool)  # ICL tasks only a transfer names: head means only
+        heads = choices.top_heads(patchings.only(icl.names).aie, plan.top_k)
+        curves = validation_layer_scans(conf, icl.selected, patchings, heads, plan.candidate_layers, s.pool) \
             if plan.layer is None else []
         choice = choices.choose_layer(plan, curves, s.info.n_layers)
-        evals = evaluate_icl_tasks(conf, icl.selected, sweeps, heads, choice.layer, plan.sweep_layers, s.pool)
-        transfers = evaluate_transfers(conf, choices.transfer_jobs(fc, icl, sweeps, heads, choice.layer), s.pool)
-        result = report.FvRun(s.info.name, sweeps, heads, choice, curves, evals, transfers, plan.sweep_layers)
+        evals = evaluate_icl_tasks(conf, icl.selected, patchings, heads, choice.layer, plan.scan_layers, s.pool)
+        transfers = evaluate_transfers(conf, choices.transfer_jobs(fc, icl, patchings, heads, choice.layer), s.pool)
+        result = report.FvRun(s.info.name, patchings, heads, choice, curves, evals, transfers, plan.scan_layers)
         summary = report.log_run(s.run, result, time.perf_counter() - t0)
     print(report.table(evals, transfers))
     print(f"top-{plan.top_k} heads (layer, head): {heads}; FV added at resid layer {choice.layer} ({choice.how}); "

@@ -32,9 +32,9 @@ LOGGED = {
     "logit-lens": [f"{lens}.{k}" for lens in ("logit_lens", "tuned_lens") for k in ("kl_to_final", "top1_agree")]
     + ["tuned_lens.kl_to_final_mean", "logit_lens.top1_agree_mean", "tuned_lens.better_layers",
        "tuned_lens.training.kl.final", "lenses.layer_wall_s", "lenses.time.total_s"],
-    "function-vectors": ["fv.layer_sweep.zero_shot_fv.acc", "fv.layer_valid.zero_shot_fv.acc", "fv.aie.max_head",
+    "function-vectors": ["fv.layer_scan.zero_shot_fv.acc", "fv.layer_valid.zero_shot_fv.acc", "fv.aie.max_head",
                          "fv.heads.chosen", "fv.mean.zero_shot.acc", "fv.layer", "fv.top_k", "fv.tasks", "fv.wall_s",
-                         "fv.sweeps_computed"]
+                         "fv.patchings_computed"]
     + [f"fv.{t}.{k}.acc" for t in ("antonym", "country_capital") for k in ("icl", "zero_shot", "zero_shot_fv")]
     + ["fv.transfer.antonym__to__antonym_french.zero_shot_fv.acc"],
     "multilingual": ["multilingual.overlap.gap", "multilingual.neurons.overlap.gap", "multilingual.sae.fve",
@@ -73,11 +73,11 @@ def test_sections_keep_headlines_apart_from_details_and_bookkeeping():
     assert section("future_lens.soft_prompt.p_at_5.n1") == "future_lens.details"
     assert section("tuned_lens.kl_to_final") == section("logit_lens.top1_agree") == "lenses"
     assert section("tuned_lens.kl_to_final_mean") == "lenses.details"
-    assert section("fv.layer_sweep.zero_shot_fv.acc") == "fv" and section("fv.mean.zero_shot_fv.acc") == "fv.details"
+    assert section("fv.layer_scan.zero_shot_fv.acc") == "fv" and section("fv.mean.zero_shot_fv.acc") == "fv.details"
     assert section("fv.antonym.zero_shot_fv.acc") == "fv.per_task"
     assert section("fv.transfer.a__to__b.zero_shot_fv.acc") == "fv.transfer"
     assert section("tuned_lens.training.kl.final") == "lenses.training"
-    for counter in ("extract.prompts.tokens_per_s", "future_lens.time.total_s", "fv.sweeps_computed",
+    for counter in ("extract.prompts.tokens_per_s", "future_lens.time.total_s", "fv.patchings_computed",
                     "lenses.layer_wall_s", "multilingual.wall_s"):
         assert section(counter) == "run", counter
     # the section is not repeated in the name (a chart's title)
@@ -99,7 +99,7 @@ def test_flow_run_logs_a_summary_table_description_landing_and_training(tmp_path
         tracking.measures(run, "how close each layer is to the output")
         for layer, v in kl.items():
             tracking.log_metrics(run, {"tuned_lens.kl_to_final": v}, step=layer)
-        tracking.log_series(run, "fv.layer_sweep.zero_shot_fv.acc", acc)
+        tracking.log_series(run, "fv.layer_scan.zero_shot_fv.acc", acc)
         tracking.log_metrics(run, {"fv.wall_s": 12.0, "tuned_lens.kl_to_final_mean": float(np.mean(list(kl.values())))})
         tracking.log_layer_training(run, "tuned_lens", "tuned_lens.training", [
             tracking.LayerTraining(layer, {"lr": 0.01, "stage": f"/s/layer_{layer:02d}"}, {"kl": c})
@@ -126,7 +126,7 @@ def test_flow_run_logs_a_summary_table_description_landing_and_training(tmp_path
     # the summary table: KL lower is better, accuracy higher is better; headline rows first
     table = tracking.table_rows(uri, run.run_id, "summary.json")
     rows = {row["key"]: row for row in table}
-    kl_key, acc_key, train_key = (metric_key(n) for n in ("tuned_lens.kl_to_final", "fv.layer_sweep.zero_shot_fv.acc",
+    kl_key, acc_key, train_key = (metric_key(n) for n in ("tuned_lens.kl_to_final", "fv.layer_scan.zero_shot_fv.acc",
                                                          "tuned_lens.training.kl.final"))
     assert rows[kl_key]["best"] == min(kl.values()) and rows[kl_key]["best_layer"] == 2
     assert rows[kl_key]["mean"] == pytest.approx(np.mean(list(kl.values())))

@@ -1,4 +1,4 @@
-"""Function vectors: the fast patching sweep against a naive one-forward-per-head reference, prompts,
+"""Function vectors: the fast head patching against a naive one-forward-per-head reference, prompts,
 first-token scoring, the vector's construction, and the flow end to end (tiny random models)."""
 
 from __future__ import annotations
@@ -188,12 +188,12 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
         "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.n_shots=3",
         "function_vectors.n_clean=3", "function_vectors.n_shuffled=2", "function_vectors.n_test=4",
         "function_vectors.n_valid=4", "function_vectors.demo_sets=2", "function_vectors.filter_correct=false",
-        "function_vectors.top_k=3", "function_vectors.layer=auto", "function_vectors.layer_sweep_stride=2",
+        "function_vectors.top_k=3", "function_vectors.layer=auto", "function_vectors.layer_scan_stride=2",
         "function_vectors.transfer=[antonym->antonym_french, antonym_french->antonym]",
     ]
     out = function_vectors_flow(config="conf/default.yaml", overrides=overrides)
     assert out["tasks"] == 2 and len(out["heads"]) == 3 and out["sweeps_cached"] == 0
-    assert out["computed"] == {"sweeps": 3, "valid": 2, "evals": 2, "transfers": 2}  # antonym_french: transfer only
+    assert out["computed"] == {"patchings": 3, "valid": 2, "evals": 2, "transfers": 2}  # antonym_french: transfer only
     client = MlflowClient(local_uri(tracking_uri))
     run_id = out["run_id"]
     run = client.get_run(run_id)
@@ -210,7 +210,7 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     # the reverse transfer's target is an evaluated ICL task: its own-vector reference is the evaluation's number
     own = metrics[metric_key("fv.transfer.antonym_french__to__antonym.zero_shot_own_fv.acc")]
     assert own == metrics[metric_key("fv.antonym.zero_shot_fv.acc")]
-    assert sorted(m.step for m in client.get_metric_history(run_id, metric_key("fv.layer_sweep.zero_shot_fv.acc"))) == [0, 2]
+    assert sorted(m.step for m in client.get_metric_history(run_id, metric_key("fv.layer_scan.zero_shot_fv.acc"))) == [0, 2]
     # layer=auto: the logged validation curve's best layer (the earliest of equals) is the layer used
     valid = {m.step: m.value for m in client.get_metric_history(run_id, metric_key("fv.layer_valid.zero_shot_fv.acc"))}
     assert sorted(valid) == [0, 2] and metrics[metric_key("fv.layer")] == out["layer"]
@@ -228,14 +228,14 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     assert sorted(h["aie"] for h in heads) == pytest.approx(top)
     fvs = load_file(client.download_artifacts(run_id, "fv/function_vectors.safetensors", str(art)))
     assert set(fvs) == {"antonym", "country_capital"} and fvs["antonym"].shape == (64,)
-    assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/fv_aie.png", "plots/fv_layer_sweep.png"}
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/fv_aie.png", "plots/fv_layer_scan.png"}
     rows = open(client.download_artifacts(run_id, "fv/transfer.md", str(art))).read().splitlines()
     assert len(rows) == 4 and rows[2].startswith("| antonym -> antonym_french | ")
 
     again = function_vectors_flow(config="conf/default.yaml", overrides=overrides)  # every stage item is found
-    assert again["sweeps_cached"] == 3 and again["computed"] == {"sweeps": 0, "valid": 0, "evals": 0, "transfers": 0}
+    assert again["sweeps_cached"] == 3 and again["computed"] == {"patchings": 0, "valid": 0, "evals": 0, "transfers": 0}
     assert again["heads"] == out["heads"] and again["layer"] == out["layer"]
     assert again["mean"] == pytest.approx(out["mean"], nan_ok=True) and again["transfer"] == out["transfer"]
     fixed = function_vectors_flow(config="conf/default.yaml", overrides=[*overrides, "function_vectors.layer=1"])
-    assert fixed["layer"] == 1 and fixed["computed"] == {"sweeps": 0, "valid": 0, "evals": 2, "transfers": 2}
+    assert fixed["layer"] == 1 and fixed["computed"] == {"patchings": 0, "valid": 0, "evals": 2, "transfers": 2}
     assert client.get_run(fixed["run_id"]).data.tags["fv.layer_choice"] == "config"

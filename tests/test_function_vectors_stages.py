@@ -16,8 +16,8 @@ import torch
 from lensflow.tasks.core.config import ConfigError
 from lensflow.tasks.core.models import ModelInfo, describe
 from lensflow.tasks.core.stages import ModelId
-from lensflow.tasks.function_vectors import evaluation as fv_eval
-from lensflow.tasks.function_vectors import patching as fv_sweep
+from lensflow.tasks.function_vectors import evaluation as fv_evaluation
+from lensflow.tasks.function_vectors import patching as fv_patching
 from lensflow.tasks.function_vectors.choices import (
     FvPlan,
     choose_layer,
@@ -31,16 +31,16 @@ from lensflow.tasks.function_vectors.evaluation import LayerCurve
 from lensflow.tasks.function_vectors.icl import load_pairs, split
 from lensflow.tasks.function_vectors.patching import (
     IclTaskJob,
+    IclTaskPatching,
     IclTasks,
-    IclTaskSweep,
-    Sweeps,
+    Patchings,
     load_icl_tasks,
 )
 from lensflow.tasks.registry import load_config
 
 SMALL = ["function_vectors.n_shots=3", "function_vectors.n_clean=2", "function_vectors.n_shuffled=1",
          "function_vectors.n_test=4", "function_vectors.n_valid=4", "function_vectors.demo_sets=2",
-         "function_vectors.filter_correct=false", "function_vectors.layer_sweep_stride=2"]
+         "function_vectors.filter_correct=false", "function_vectors.layer_scan_stride=2"]
 
 
 class LocalPool:
@@ -64,9 +64,9 @@ def pool(tiny_lms):
 @pytest.fixture
 def calls(monkeypatch):
     """How often each stage's compute function really ran (counted outside the stage machinery)."""
-    counts = {"sweep": 0, "valid": 0, "eval": 0, "transfer": 0}
-    for key, mod, name in [("sweep", fv_sweep, "compute_sweep"), ("valid", fv_eval, "compute_validation"),
-                           ("eval", fv_eval, "compute_eval"), ("transfer", fv_eval, "compute_transfer")]:
+    counts = {"patching": 0, "valid": 0, "eval": 0, "transfer": 0}
+    for key, mod, name in [("patching", fv_patching, "compute_patching"), ("valid", fv_evaluation, "compute_validation"),
+                           ("eval", fv_evaluation, "compute_eval"), ("transfer", fv_evaluation, "compute_transfer")]:
         real = getattr(mod, name)
 
         def counted(lm, job, real=real, key=key):
@@ -82,34 +82,34 @@ def run_stages(conf, pool):
     fc = conf.function_vectors
     icl = load_icl_tasks(fc)
     p = plan(fc, pool.describe())
-    sweeps = fv_sweep.sweep_icl_tasks(conf, icl.swept, pool)
-    heads = top_heads(sweeps.only(icl.names).aie, p.top_k)
-    curves = fv_eval.validation_layer_sweeps(conf, icl.selected, sweeps, heads, p.candidate_layers, pool) \
+    patchings = fv_patching.patch_icl_tasks(conf, icl.swept, pool)
+    heads = top_heads(patchings.only(icl.names).aie, p.top_k)
+    curves = fv_evaluation.validation_layer_scans(conf, icl.selected, patchings, heads, p.candidate_layers, pool) \
         if p.layer is None else []
     choice = choose_layer(p, curves, pool.describe().n_layers)
-    evals = fv_eval.evaluate_icl_tasks(conf, icl.selected, sweeps, heads, choice.layer, p.sweep_layers, pool)
-    transfers = fv_eval.evaluate_transfers(conf, transfer_jobs(fc, icl, sweeps, heads, choice.layer), pool)
-    return sweeps, heads, curves, choice, evals, transfers
+    evals = fv_evaluation.evaluate_icl_tasks(conf, icl.selected, patchings, heads, choice.layer, p.scan_layers, pool)
+    transfers = fv_evaluation.evaluate_transfers(conf, transfer_jobs(fc, icl, patchings, heads, choice.layer), pool)
+    return patchings, heads, curves, choice, evals, transfers
 
 
 def test_rerun_finds_everything_and_top_k_recomputes_only_evaluation(make_conf, pool, calls):
     conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.top_k=3",
                      "function_vectors.transfer=[antonym->antonym_french]")
-    sweeps, heads, curves, choice, evals, transfers = run_stages(conf, pool)
-    assert calls == {"sweep": 3, "valid": 2, "eval": 2, "transfer": 1}  # antonym_french: swept for the transfer
-    assert sweeps.computed == 3 and all(c.computed for c in curves) and all(e.computed for e in evals)
+    patchings, heads, curves, choice, evals, transfers = run_stages(conf, pool)
+    assert calls == {"patching": 3, "valid": 2, "eval": 2, "transfer": 1}  # antonym_french: swept for the transfer
+    assert patchings.computed == 3 and all(c.computed for c in curves) and all(e.computed for e in evals)
     # the heads come from the two evaluated ICL tasks only, not from the transfer-only one
-    mean_ie = (sweeps["antonym"].ie + sweeps["country_capital"].ie) / 2
+    mean_ie = (patchings["antonym"].ie + patchings["country_capital"].ie) / 2
     assert heads == [divmod(int(i), mean_ie.shape[1]) for i in torch.argsort(mean_ie.flatten(), descending=True,
                                                                              stable=True)[:3]]
 
     again = run_stages(conf, pool)
-    assert calls == {"sweep": 3, "valid": 2, "eval": 2, "transfer": 1}  # nothing ran again
+    assert calls == {"patching": 3, "valid": 2, "eval": 2, "transfer": 1}  # nothing ran again
     assert again[0].computed == 0 and not any(e.computed for e in again[4]) and not again[5][0].computed
     # what the rerun read back from the store is what the first run computed
     for name in ("antonym", "country_capital"):
-        torch.testing.assert_close(again[0][name].ie, sweeps[name].ie, rtol=0, atol=0)
-        torch.testing.assert_close(again[0][name].means, sweeps[name].means, rtol=0, atol=0)
+        torch.testing.assert_close(again[0][name].ie, patchings[name].ie, rtol=0, atol=0)
+        torch.testing.assert_close(again[0][name].means, patchings[name].means, rtol=0, atol=0)
     assert again[1] == heads and again[3] == choice
     assert [e.acc for e in again[4]] == [e.acc for e in evals] and again[5][0].zero_shot == transfers[0].zero_shot
     torch.testing.assert_close(again[4][0].fv, evals[0].fv, rtol=0, atol=0)
@@ -117,7 +117,7 @@ def test_rerun_finds_everything_and_top_k_recomputes_only_evaluation(make_conf, 
     fewer = run_stages(make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]",
                                  "function_vectors.top_k=2", "function_vectors.transfer=[antonym->antonym_french]"),
                        pool)
-    assert calls == {"sweep": 3, "valid": 4, "eval": 4, "transfer": 2}  # the sweeps were found, the rest re-ran
+    assert calls == {"patching": 3, "valid": 4, "eval": 4, "transfer": 2}  # the patchings were found, the rest re-ran
     assert fewer[0].computed == 0 and fewer[1] == heads[:2]
 
 
@@ -125,18 +125,18 @@ def test_failed_run_keeps_finished_icl_tasks(make_conf, pool, monkeypatch):
     conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital, synonym]",
                      "function_vectors.transfer=[]")
     jobs = load_icl_tasks(conf.function_vectors).selected
-    real = fv_sweep.compute_sweep
+    real = fv_patching.compute_patching
 
     def dies_on_second(lm, job):
         if job.name == "country_capital":
             raise RuntimeError("killed")
         return real(lm, job)
 
-    monkeypatch.setattr(fv_sweep, "compute_sweep", dies_on_second)
+    monkeypatch.setattr(fv_patching, "compute_patching", dies_on_second)
     with pytest.raises(RuntimeError):
-        fv_sweep.sweep_icl_tasks(conf, jobs, pool)
-    monkeypatch.setattr(fv_sweep, "compute_sweep", real)
-    resumed = fv_sweep.sweep_icl_tasks(conf, jobs, pool)
+        fv_patching.patch_icl_tasks(conf, jobs, pool)
+    monkeypatch.setattr(fv_patching, "compute_patching", real)
+    resumed = fv_patching.patch_icl_tasks(conf, jobs, pool)
     assert [t.computed for t in resumed.icl_tasks] == [False, True, True]
 
 
@@ -158,20 +158,20 @@ def _task_files(tmp_path, n=40):
 def test_auto_layer_reads_only_validation_pairs(make_conf, pool, calls, monkeypatch, tmp_path):
     (a, b), sp = _task_files(tmp_path)
     seen: list[tuple[str, list]] = []
-    real = fv_eval.zero_shot_layer_sweep
+    real = fv_evaluation.zero_shot_layer_scan
 
     def recording(lm, job, queries, fv, layers):
         seen.append((layers, list(queries)))
         return real(lm, job, queries, fv, layers)
 
-    monkeypatch.setattr(fv_eval, "zero_shot_layer_sweep", recording)
+    monkeypatch.setattr(fv_evaluation, "zero_shot_layer_scan", recording)
     base = [*SMALL, "function_vectors.icl_tasks=[mine, antonym]", "function_vectors.top_k=2",
             "function_vectors.transfer=[]", "function_vectors.layer=auto"]
     conf = make_conf(*base, f"function_vectors.icl_task_paths=[{a}]")
     _, _, curves, choice, evals, _ = run_stages(conf, pool)
     assert choice.how == "auto" and choice.layer in [0, 2]
     # the validation stage runs first, on each ICL task's validation pairs (filter_correct=false: all n_valid of
-    # them), then the evaluation's sweep on test pairs
+    # them), then the evaluation's patching on test pairs
     assert seen[0] == ([0, 2], sp.valid[:4]) and seen[1] == ([0, 2], split(load_pairs("antonym"), 0).valid[:4])
     assert not set(seen[0][1]) & set(sp.test) and not set(seen[0][1]) & set(sp.train)
     assert seen[2] == ([0, 2], sp.test[:4])
@@ -212,10 +212,10 @@ def test_top_k_default_and_heads():
 
 
 def test_plan_layers():
-    p = plan(FunctionVectorsConf(layer_sweep_stride=3), _info(n_layers=10))
-    assert (p.layer, p.sweep_layers, p.candidate_layers) == (None, [0, 3, 6, 9], [0, 3, 6, 9])
-    p = plan(FunctionVectorsConf(layer_sweep_stride=0), _info(n_layers=3))
-    assert (p.sweep_layers, p.candidate_layers) == ([], [0, 1, 2])
+    p = plan(FunctionVectorsConf(layer_scan_stride=3), _info(n_layers=10))
+    assert (p.layer, p.scan_layers, p.candidate_layers) == (None, [0, 3, 6, 9], [0, 3, 6, 9])
+    p = plan(FunctionVectorsConf(layer_scan_stride=0), _info(n_layers=3))
+    assert (p.scan_layers, p.candidate_layers) == ([], [0, 1, 2])
     p = plan(FunctionVectorsConf(layer=4), _info(n_layers=4))
     assert (p.layer, p.candidate_layers) == (4, [])
     with pytest.raises(ConfigError, match="layer"):
@@ -223,7 +223,7 @@ def test_plan_layers():
 
 
 def test_choose_layer():
-    auto = FvPlan(top_k=2, layer=None, sweep_layers=[], candidate_layers=[0, 2, 4])
+    auto = FvPlan(top_k=2, layer=None, scan_layers=[], candidate_layers=[0, 2, 4])
     curves = [LayerCurve("a", {0: 0.2, 2: 0.6, 4: 0.5}, 5, True), LayerCurve("b", {0: 0.4, 2: 0.2, 4: 0.5}, 5, True),
               LayerCurve("none kept", {}, 0, True)]
     c = choose_layer(auto, curves, n_layers=6)
@@ -232,7 +232,7 @@ def test_choose_layer():
     assert choose_layer(auto, tie, n_layers=6).layer == 2  # the earliest of equals
     fallback = choose_layer(auto, [LayerCurve("a", {}, 0, True)], n_layers=6)
     assert (fallback.layer, fallback.how) == (2, "auto-fallback") and all(math.isnan(v) for v in fallback.curve.values())
-    fixed = FvPlan(top_k=2, layer=1, sweep_layers=[], candidate_layers=[])
+    fixed = FvPlan(top_k=2, layer=1, scan_layers=[], candidate_layers=[])
     assert (choose_layer(fixed, curves, n_layers=6).layer, choose_layer(fixed, curves, n_layers=6).how) == (1, "config")
 
 
@@ -240,15 +240,15 @@ def test_transfer_jobs():
     fc = FunctionVectorsConf(transfer=["src->t1", "t1->src"])
     sp = split([(str(i), str(i)) for i in range(8)], 0)
     means = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)
-    sweeps = Sweeps([IclTaskSweep("src", "k1", means, torch.zeros(2, 2), False),
-                     IclTaskSweep("t1", "k2", -means, torch.zeros(2, 2), False)])
+    patchings = Patchings([IclTaskPatching("src", "k1", means, torch.zeros(2, 2), False),
+                     IclTaskPatching("t1", "k2", -means, torch.zeros(2, 2), False)])
     icl = IclTasks([IclTaskJob("src", sp, fc)], [IclTaskJob("t1", sp, fc)])
-    jobs = transfer_jobs(fc, icl, sweeps, [(1, 0), (0, 1)], layer=1)
+    jobs = transfer_jobs(fc, icl, patchings, [(1, 0), (0, 1)], layer=1)
     assert [(j.source, j.own.task.name, j.name) for j in jobs] == [("src", "t1", "src->t1"), ("t1", "src", "t1->src")]
-    assert [(j.source_key, j.own.sweep_key, j.own.layer) for j in jobs] == [("k1", "k2", 1), ("k2", "k1", 1)]
+    assert [(j.source_key, j.own.patching_key, j.own.layer) for j in jobs] == [("k1", "k2", 1), ("k2", "k1", 1)]
     torch.testing.assert_close(jobs[0].source_means, torch.stack([means[1, 0], means[0, 1]]))
     torch.testing.assert_close(jobs[0].own.head_means, -torch.stack([means[1, 0], means[0, 1]]))
-    assert transfer_jobs(FunctionVectorsConf(transfer=[]), icl, sweeps, [(0, 0)], 1) == []
+    assert transfer_jobs(FunctionVectorsConf(transfer=[]), icl, patchings, [(0, 0)], 1) == []
 
 
 def test_transfer_config():
@@ -293,12 +293,12 @@ def test_transfer_against_evaluation_and_plain_forwards(make_conf, pool, calls, 
     numbers for that ICL task; the logits the transfer scores are plain forwards with the source's (and the
     target's) vector added by a torch hook."""
     seen: list[torch.Tensor] = []
-    real = fv_eval.last_token_logits
-    monkeypatch.setattr(fv_eval, "last_token_logits", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    real = fv_evaluation.last_token_logits
+    monkeypatch.setattr(fv_evaluation, "last_token_logits", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     conf = make_conf(*SMALL, "function_vectors.icl_tasks=[antonym, country_capital]", "function_vectors.top_k=3",
                      "function_vectors.layer=2", "function_vectors.scale=8", "function_vectors.n_test=6",
                      "function_vectors.transfer=[antonym->country_capital]")
-    sweeps, heads, _, choice, evals, transfers = run_stages(conf, pool)
+    patchings, heads, _, choice, evals, transfers = run_stages(conf, pool)
     (t,), target = transfers, next(e for e in evals if e.name == "country_capital")
     assert (t.source, t.target, t.n_eval, t.metric_name) == ("antonym", "country_capital", 6,
                                                                "antonym__to__country_capital")
@@ -306,7 +306,7 @@ def test_transfer_against_evaluation_and_plain_forwards(make_conf, pool, calls, 
     # the transfer's last two scoring passes: [plain; + own vector] and [+ source vector] on the 6 kept test queries
     # (filter_correct=false keeps them all)
     queries = split(load_pairs("country_capital"), 0).test[:6]
-    fv = sum(pool.lm.head_output_to_resid(layer, head, sweeps["antonym"].means[layer, head]) for layer, head in heads)
+    fv = sum(pool.lm.head_output_to_resid(layer, head, patchings["antonym"].means[layer, head]) for layer, head in heads)
     plain, own, source = (_manual_logits(pool.lm, queries, v, layer=2) for v in (None, target.fv, 8 * fv))
     assert (source - plain).abs().max() > 1e-3 and (own - plain).abs().max() > 1e-3  # the vectors matter
     torch.testing.assert_close(seen[-2], torch.cat([plain, own]), atol=1e-4, rtol=1e-4)

@@ -14,14 +14,14 @@ def _check_inputs(conf: Config) -> None:
 EXPERIMENT = Experiment(
     name="function-vectors",
     flow="lensflow.flows.function_vectors:function_vectors_flow",
-    headline=Headline("fv.layer_sweep.zero_shot_fv.acc", "max", "best"),
+    headline=Headline("fv.layer_scan.zero_shot_fv.acc", "max", "best"),
     check_inputs=_check_inputs,
     section="function_vectors",
     config=FunctionVectorsConf,
     # headline: the per-layer curves (accuracy with the vector added at each layer, AIE and chosen heads per layer);
     # the run's scalars (means over ICL tasks, the layer, k): fv.details; fv.<ICL task>.<metric> (61 ICL tasks x 6)
     # falls through to fv.per_task (also one table, fv/per_task.json, and one heatmap)
-    metric_sections=(("fv.transfer.", "fv.transfer"), ("fv.layer_sweep.", "fv"), ("fv.layer_valid.", "fv"),
+    metric_sections=(("fv.transfer.", "fv.transfer"), ("fv.layer_scan.", "fv"), ("fv.layer_valid.", "fv"),
                      ("fv.aie.", "fv"), ("fv.heads.", "fv"), ("fv.mean.", "fv.details"), ("fv.layer", "fv.details"),
                      ("fv.top_k", "fv.details"), ("fv.tasks", "fv.details"), ("fv.", "fv.per_task")),
 )

@@ -1,5 +1,5 @@
 """The function-vectors experiment's decisions: how many heads, which heads, at which resid layer the vector is
-added, and which transfers run. Pure functions of the config, the model's shape, the sweeps and the validation
+added, and which transfers run. Pure functions of the config, the model's shape, the patchings and the validation
 curves, so each is tested without a model, Prefect or Ray.
 """
 
@@ -21,7 +21,7 @@ from lensflow.tasks.function_vectors.evaluation import (
     nanmean,
 )
 from lensflow.tasks.function_vectors.heads import Head
-from lensflow.tasks.function_vectors.patching import IclTasks, Sweeps
+from lensflow.tasks.function_vectors.patching import IclTasks, Patchings
 
 
 def default_top_k(n_layers: int, n_heads: int) -> int:
@@ -43,7 +43,7 @@ class FvPlan:
 
     top_k: int
     layer: int | None  # the configured resid layer; None = auto (chosen on validation queries)
-    sweep_layers: list[int]  # where the vector is also tested on test queries (the reported layer sweep)
+    scan_layers: list[int]  # where the vector is also tested on test queries (the reported layer scan)
     candidate_layers: list[int]  # what auto chooses from; empty for a configured layer
 
 
@@ -55,10 +55,10 @@ def plan(fc: FunctionVectorsConf, info: ModelInfo) -> FvPlan:
     layer = None if fc.layer == "auto" else fc.layer
     if layer is not None and layer > n_layers:
         raise ConfigError(f"config key 'function_vectors.layer': {layer} out of range 0..{n_layers} for {info.name}")
-    stride = fc.layer_sweep_stride
-    sweep_layers = list(range(0, n_layers, stride)) if stride else []
+    stride = fc.layer_scan_stride
+    scan_layers = list(range(0, n_layers, stride)) if stride else []
     candidates = list(range(0, n_layers, stride or 1)) if layer is None else []
-    return FvPlan(k, layer, sweep_layers, candidates)
+    return FvPlan(k, layer, scan_layers, candidates)
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ def choose_layer(p: FvPlan, curves: list[LayerCurve], n_layers: int) -> LayerCho
     return LayerChoice(min(layer for layer, v in scored.items() if v == best), "auto", curve)
 
 
-def transfer_jobs(fc: FunctionVectorsConf, icl: IclTasks, sweeps: Sweeps, heads: list[Head],
+def transfer_jobs(fc: FunctionVectorsConf, icl: IclTasks, patchings: Patchings, heads: list[Head],
                   layer: int) -> list[TransferJob]:
     """Each directed transfer of `function_vectors.transfer`: the source's and the target's vectors from the same
-    heads at the same layer (sweeps must hold both ICL tasks)."""
-    return [TransferJob(source, sweeps[source].head_means(heads), sweeps[source].key,
-                        VectorJob.of(icl[target], sweeps[target], heads, layer))
+    heads at the same layer (patchings must hold both ICL tasks)."""
+    return [TransferJob(source, patchings[source].head_means(heads), patchings[source].key,
+                        VectorJob.of(icl[target], patchings[target], heads, layer))
             for source, target in fc.transfer_pairs()]

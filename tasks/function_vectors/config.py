@@ -10,7 +10,7 @@ from lensflow.tasks.core.config import Section
 
 
 class FunctionVectorsConf(Section):
-    """Function vectors (Todd et al. 2024): mean head outputs, a head-patching sweep, the vector and its tests."""
+    """Function vectors (Todd et al. 2024): mean head outputs, a head-patching pass, the vector and its tests."""
 
     icl_tasks: list[str] | None = Field(default=None, min_length=1)  # ICL task names; None = every built-in ICL task plus those in icl_task_paths
     icl_task_paths: list[str] = []  # extra ICL task files or folders of <name>.json ([{"input", "output"}, ...])
@@ -21,7 +21,7 @@ class FunctionVectorsConf(Section):
     separator: str = "\n\n"
     natural_templates: list[str] = ['The word "{input}" means', "When I think of {input}, I think of", "{input}:"]
     n_clean: int = Field(default=5, gt=0)  # clean prompts per ICL task for the mean head outputs (paper: 100)
-    n_shuffled: int = Field(default=3, gt=0)  # shuffled-label prompts per ICL task for the patching sweep (paper: 25)
+    n_shuffled: int = Field(default=3, gt=0)  # shuffled-label prompts per ICL task for head patching (paper: 25)
     n_test: int = Field(default=12, gt=0)  # test queries per ICL task, before keeping those solved at n_shots (paper: 50)
     n_valid: int = Field(default=12, gt=0)  # validation queries per ICL task for layer=auto, filtered like n_test
     demo_sets: int | None = Field(default=3, gt=0)  # demonstration sets shared by test queries; None = one per query
@@ -29,9 +29,9 @@ class FunctionVectorsConf(Section):
     top_k: int | None = Field(default=None, gt=0)  # heads in the vector; None = min(10, all heads // 4)
     layer: int | Literal["auto"] = "auto"  # resid layer the vector is added at (0 = embeddings); auto = best
     # zero-shot accuracy with the vector on the ICL tasks' validation queries (mean over ICL tasks), among the
-    # layer sweep's layers (every layer_sweep_stride-th; every layer when the stride is 0)
+    # layer scan's layers (every layer_scan_stride-th; every layer when the stride is 0)
     scale: float = 1.0  # multiplier on the vector when added
-    layer_sweep_stride: int = Field(default=3, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
+    layer_scan_stride: int = Field(default=3, ge=0)  # evaluate adding the vector at every k-th layer; 0 = off
     # directed pairs "<source>-><target>" of ICL tasks: the source's vector added to the target's zero-shot test
     # prompts, beside the target's own vector; a source or target not in icl_tasks is swept for its head means only.
     # Default: both directions of the only same-task pairs SmolLM2-135M solves at 10 shots in two languages

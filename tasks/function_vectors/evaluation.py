@@ -1,10 +1,10 @@
 """What a function vector does on an ICL task's held-out queries: the evaluation on test queries, the zero-shot
-layer sweep on validation queries that `function_vectors.layer=auto` chooses from (never on test queries), and the
+layer scan on validation queries that `function_vectors.layer=auto` chooses from (never on test queries), and the
 transfer of one ICL task's vector to another's queries (e.g. capitalizing English words -> French words).
 
-Each is a stage item (per ICL task, or per directed transfer) keyed by the sweep(s) its head means come from, the
+Each is a stage item (per ICL task, or per directed transfer) keyed by the patching(s) its head means come from, the
 chosen heads, the layer(s) and the settings and held-out pairs it reads: changing `top_k` recomputes these, never
-the sweeps.
+the patchings.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from lensflow.tasks.function_vectors.icl import (
 )
 from lensflow.tasks.function_vectors.patching import (
     IclTaskJob,
-    IclTaskSweep,
+    IclTaskPatching,
+    Patchings,
     StageWork,
-    Sweeps,
     find_or_compute,
     prompt_rng,
     template,
 )
 
-EVAL_VERSION = 2  # of the evaluation code's numbers for the same inputs; part of every evaluation stage key
+EVAL_VERSION = 3  # of the evaluation code's numbers for the same inputs; part of every evaluation stage key
 KINDS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv")
 
 
@@ -117,7 +117,7 @@ def _solved(lm: LM, job: IclTaskJob, queries: list[Pair], purpose: str) -> tuple
     return icl, [q for q, ok in zip(queries, icl) if ok or not job.conf.filter_correct]
 
 
-def zero_shot_layer_sweep(lm: LM, job: IclTaskJob, queries: list[Pair], fv: torch.Tensor,
+def zero_shot_layer_scan(lm: LM, job: IclTaskJob, queries: list[Pair], fv: torch.Tensor,
                           layers: list[int]) -> dict[int, float]:
     """Zero-shot accuracy on `queries` with the vector added at each of `layers`: where the vector works."""
     tpl = job.conf.query_template
@@ -130,19 +130,19 @@ def zero_shot_layer_sweep(lm: LM, job: IclTaskJob, queries: list[Pair], fv: torc
 @dataclass(frozen=True)
 class VectorJob:
     """A function vector tested on one ICL task's held-out queries: the vector's heads and head means (another ICL
-    task's for a transfer), the sweep they come from, and the resid layer(s) it is added at."""
+    task's for a transfer), the patching they come from, and the resid layer(s) it is added at."""
 
     task: IclTaskJob
     heads: list[Head]
     head_means: torch.Tensor  # [k, head_dim]
-    sweep_key: str
+    patching_key: str
     layer: int | None = None
-    sweep_layers: list[int] = field(default_factory=list)
+    scan_layers: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, task: IclTaskJob, sweep: IclTaskSweep, heads: list[Head], layer: int | None = None,
-           sweep_layers: list[int] = ()) -> VectorJob:
-        return cls(task, heads, sweep.head_means(heads), sweep.key, layer, list(sweep_layers))
+    def of(cls, task: IclTaskJob, patching: IclTaskPatching, heads: list[Head], layer: int | None = None,
+           scan_layers: list[int] = ()) -> VectorJob:
+        return cls(task, heads, patching.head_means(heads), patching.key, layer, list(scan_layers))
 
     def vector(self, lm: LM) -> torch.Tensor:
         return function_vector(lm, self.heads, self.head_means) * self.task.conf.scale
@@ -170,7 +170,7 @@ class Accuracies:
 class IclTaskEval:
     name: str
     acc: Accuracies
-    layer_sweep: dict[int, float]  # zero-shot accuracy with the vector at each sweep layer (test queries)
+    layer_scan: dict[int, float]  # zero-shot accuracy with the vector at each scanned layer (test queries)
     fv: torch.Tensor  # [d_model] the ICL task's function vector (scale applied)
     computed: bool
 
@@ -189,7 +189,7 @@ class TransferJob:
 
     source: str
     source_means: torch.Tensor  # [k, head_dim] the source's mean outputs of the chosen heads
-    source_key: str  # the source's sweep key
+    source_key: str  # the source's patching key
     own: VectorJob  # the target ICL task with its own vector
 
     @property
@@ -223,12 +223,12 @@ class TransferResult:
 
 def compute_eval(lm: LM, job: VectorJob) -> Item:
     """Accuracy with and without the vector on test queries the model solves at n_shots: zero-shot, shuffled-label
-    n_shots, natural-text templates, and zero-shot with the vector at the sweep layers."""
+    n_shots, natural-text templates, and zero-shot with the vector at the scanned layers."""
     conf, task = job.task.conf, job.task
     fv = job.vector(lm)
     icl, kept = _solved(lm, task, task.split.test[: conf.n_test], "test_clean")
     acc = {"icl": _mean(icl), "n_eval": float(len(kept))}
-    sweep: dict[int, float] = {}
+    patching: dict[int, float] = {}
     if kept:
         zs, zs_fv = _zero_shot(lm, task, kept, conf.query_template, fv, job.layer)
         sh, sh_fv = _icl_accuracy(lm, task, kept, True, "test_shuffled", fv, job.layer)
@@ -237,16 +237,16 @@ def compute_eval(lm: LM, job: VectorJob) -> Item:
                 "shuffled_fv": _mean(sh_fv),
                 "natural_text": float(np.mean([_mean(a) for a, _ in nat])) if nat else float("nan"),
                 "natural_text_fv": float(np.mean([_mean(b) for _, b in nat])) if nat else float("nan")}
-        sweep = zero_shot_layer_sweep(lm, task, kept, fv, job.sweep_layers)
-    return Item({"fv": fv.float().cpu()}, {"acc": acc, "layer_sweep": sweep})
+        patching = zero_shot_layer_scan(lm, task, kept, fv, job.scan_layers)
+    return Item({"fv": fv.float().cpu()}, {"acc": acc, "layer_scan": patching})
 
 
 def compute_validation(lm: LM, job: VectorJob) -> Item:
-    """The zero-shot layer sweep on VALIDATION queries solved at n_shots: what `layer=auto` chooses from."""
+    """The zero-shot layer scan on VALIDATION queries solved at n_shots: what `layer=auto` chooses from."""
     conf, task = job.task.conf, job.task
     _, kept = _solved(lm, task, task.split.valid[: conf.n_valid], "valid_clean")
-    curve = zero_shot_layer_sweep(lm, task, kept, job.vector(lm), job.sweep_layers) if kept else {}
-    return Item({}, {"layer_sweep": curve, "n": len(kept)})
+    curve = zero_shot_layer_scan(lm, task, kept, job.vector(lm), job.scan_layers) if kept else {}
+    return Item({}, {"layer_scan": curve, "n": len(kept)})
 
 
 def compute_transfer(lm: LM, job: TransferJob) -> Item:
@@ -267,10 +267,10 @@ def compute_transfer(lm: LM, job: TransferJob) -> Item:
 
 def _vector_stage(root: str, model: ModelId, name: str, job: VectorJob, reads: dict,
                   more_inputs: list[str] = ()) -> Stage:
-    """Keyed by the sweep(s) the head means come from, the heads, the layer(s), the scale and what the stage reads."""
+    """Keyed by the patching(s) the head means come from, the heads, the layer(s), the scale and what the stage reads."""
     params = {"icl_task": job.task.name, "heads": [list(h) for h in job.heads], "scale": job.task.conf.scale,
-              "layer": job.layer, "sweep_layers": job.sweep_layers, **reads}
-    return Stage.of(root, name, model, params, inputs=[job.sweep_key, *more_inputs], version=EVAL_VERSION)
+              "layer": job.layer, "scan_layers": job.scan_layers, **reads}
+    return Stage.of(root, name, model, params, inputs=[job.patching_key, *more_inputs], version=EVAL_VERSION)
 
 
 def _held_out(pairs: list[Pair], n: int, job: IclTaskJob) -> dict:
@@ -288,21 +288,21 @@ def _run(conf: Config, pool, name: str, compute: Callable[[LM, VectorJob], Item]
     return pool.map(find_or_compute, work, desc=desc) if work else []
 
 
-def evaluate_icl_tasks(conf: Config, jobs: list[IclTaskJob], sweeps: Sweeps, heads: list[Head], layer: int,
-                       sweep_layers: list[int], pool) -> list[IclTaskEval]:
+def evaluate_icl_tasks(conf: Config, jobs: list[IclTaskJob], patchings: Patchings, heads: list[Head], layer: int,
+                       scan_layers: list[int], pool) -> list[IclTaskEval]:
     """Every ICL task's test accuracies with its own vector at `layer`, across the model actors."""
     fc = conf.function_vectors
-    vjobs = [VectorJob.of(j, sweeps[j.name], heads, layer, sweep_layers) for j in jobs]
+    vjobs = [VectorJob.of(j, patchings[j.name], heads, layer, scan_layers) for j in jobs]
     reads = [{**_held_out(j.split.test, fc.n_test, j), "natural": fc.natural_templates} for j in jobs]
     found = _run(conf, pool, "fv_eval", compute_eval, vjobs, reads, "FV evaluation (ICL tasks)")
     return [IclTaskEval(j.name, Accuracies(**item.meta["acc"]), _curve(item), item.tensors["fv"], computed)
             for j, (item, computed) in zip(jobs, found)]
 
 
-def validation_layer_sweeps(conf: Config, jobs: list[IclTaskJob], sweeps: Sweeps, heads: list[Head],
+def validation_layer_scans(conf: Config, jobs: list[IclTaskJob], patchings: Patchings, heads: list[Head],
                             layers: list[int], pool) -> list[LayerCurve]:
-    """Every ICL task's zero-shot layer sweep on its validation queries (for `layer=auto`)."""
-    vjobs = [VectorJob.of(j, sweeps[j.name], heads, None, layers) for j in jobs]
+    """Every ICL task's zero-shot layer scan on its validation queries (for `layer=auto`)."""
+    vjobs = [VectorJob.of(j, patchings[j.name], heads, None, layers) for j in jobs]
     reads = [_held_out(j.split.valid, conf.function_vectors.n_valid, j) for j in jobs]
     found = _run(conf, pool, "fv_valid", compute_validation, vjobs, reads, "FV layer choice (validation)")
     return [LayerCurve(j.name, _curve(item), item.meta["n"], computed) for j, (item, computed) in zip(jobs, found)]
@@ -321,4 +321,4 @@ def evaluate_transfers(conf: Config, jobs: list[TransferJob], pool) -> list[Tran
 
 
 def _curve(item: Item) -> dict[int, float]:
-    return {int(layer): acc for layer, acc in item.meta["layer_sweep"].items()}  # JSON keys are strings
+    return {int(layer): acc for layer, acc in item.meta["layer_scan"].items()}  # JSON keys are strings

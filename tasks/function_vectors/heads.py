@@ -1,14 +1,14 @@
 """Function vectors (Todd et al., ICLR 2024): which attention heads carry an in-context task, and the
 vector their mean outputs make, which triggers the task with no demonstrations. This module is the model-side
-engine; the experiment's stages are in fv_sweep (per-ICL-task head sweep), fv_choices (top-k heads, layer),
-fv_eval (accuracies) and fv_report (tables, MLflow).
+engine; the experiment's stages are in patching (per-ICL-task head patching), choices (top-k heads, layer),
+evaluation (accuracies) and report (tables, MLflow).
 
 The engine is `last_token_logits`: many prompts that share a prefix (the same demonstrations, or the
 same prompt patched in 270 different ways) run as ONE pass over the prefix (KV cache) plus ONE packed
 pass over all their suffixes, each suffix attending to the prefix and to itself only (a block-diagonal
 4-D mask, position ids restarting after the prefix). That is exactly the computation of separate
 forward passes, without copying the prefix cache once per row as a batch-expanded cache would. The
-causal-mediation sweep patches one head per row at the last token, so it costs one prefix pass plus
+causal-mediation patching patches one head per row at the last token, so it costs one prefix pass plus
 n_layers * n_heads single-token rows instead of n_layers * n_heads full forward passes.
 """
 
@@ -102,7 +102,7 @@ def add_vector_edits(fv: torch.Tensor, layer: int, flags: torch.Tensor) -> EditF
     return edit_fn
 
 
-# ---------------------------------------------------------------- mean head outputs, patching sweep, vector
+# ---------------------------------------------------------------- mean head outputs, head patching, vector
 
 
 @torch.no_grad()

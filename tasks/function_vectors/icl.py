@@ -61,7 +61,7 @@ def pairs_digest(pairs: list[Pair]) -> str:
 
 @dataclass(frozen=True)
 class Split:
-    """Disjoint parts of one ICL task: train gives demonstrations and the sweep's queries, valid the layer choice
+    """Disjoint parts of one ICL task: train gives demonstrations and the patching's queries, valid the layer choice
     (`function_vectors.layer=auto`), test the reported accuracies."""
 
     train: list[Pair]

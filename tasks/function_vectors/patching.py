@@ -1,4 +1,4 @@
-"""The function-vectors experiment's ICL tasks, prompts and its expensive stage: the per-ICL-task head sweep.
+"""The function-vectors experiment's ICL tasks, prompts and its expensive stage: the per-ICL-task head patching.
 
 For each ICL task: the mean output of every attention head at the last token of clean n-shot prompts, then the
 indirect effect of patching each head (one at a time) with its mean into shuffled-label prompts. One stage item
@@ -33,7 +33,7 @@ from lensflow.tasks.function_vectors.icl import (
     split,
 )
 
-SWEEP_VERSION = 2  # of the sweep's numbers for the same inputs; part of its stage key
+PATCHING_VERSION = 2  # of the patching's numbers for the same inputs; part of its stage key
 PROMPT_KEYS = ("seed", "n_shots", "query_template", "answer_template", "separator")  # shape every prompt
 
 
@@ -48,7 +48,7 @@ class IclTaskJob:
 
 @dataclass(frozen=True)
 class IclTasks:
-    """The selected ICL tasks (their sweeps choose the heads; each is evaluated) and the ICL tasks that only the
+    """The selected ICL tasks (their patchings choose the heads; each is evaluated) and the ICL tasks that only the
     transfers name (swept for their head means, never voting on the heads)."""
 
     selected: list[IclTaskJob]
@@ -121,19 +121,19 @@ def find_or_compute(lm: LM, work: StageWork) -> tuple[Item, bool]:
     return work.stage.get_or_compute(work.item, lambda: work.compute(lm, work.job))
 
 
-# ---------------------------------------------------------------- the head sweep
+# ---------------------------------------------------------------- the head patching
 
 
-def sweep_stage(root: str, model: ModelId, job: IclTaskJob) -> Stage:
-    """Keyed by what the sweep reads: the model, the prompt settings and the ICL task's training pairs (the sweep
+def patching_stage(root: str, model: ModelId, job: IclTaskJob) -> Stage:
+    """Keyed by what the patching reads: the model, the prompt settings and the ICL task's training pairs (the patching
     never reads valid or test pairs, so changing those keeps it)."""
     c = job.conf
     params = {"icl_task": job.name, "train": pairs_digest(job.split.train), "n_clean": c.n_clean,
               "n_shuffled": c.n_shuffled, **{k: getattr(c, k) for k in PROMPT_KEYS}}
-    return Stage.of(root, "fv_sweep", model, params, version=SWEEP_VERSION)
+    return Stage.of(root, "fv_patching", model, params, version=PATCHING_VERSION)
 
 
-def compute_sweep(lm: LM, job: IclTaskJob) -> Item:
+def compute_patching(lm: LM, job: IclTaskJob) -> Item:
     """Mean head outputs on clean prompts and mean indirect effects on shuffled-label prompts, for one ICL task."""
     conf, tpl = job.conf, template(job.conf)
     clean, queries = icl_prompts(job.split, conf, job.name, conf.n_clean, False, "clean")
@@ -148,9 +148,9 @@ def compute_sweep(lm: LM, job: IclTaskJob) -> Item:
 
 
 @dataclass(frozen=True)
-class IclTaskSweep:
+class IclTaskPatching:
     name: str
-    key: str  # the sweep's stage key: an input of every stage that reads this ICL task's head means
+    key: str  # the patching's stage key: an input of every stage that reads this ICL task's head means
     means: torch.Tensor  # [n_layers, n_heads, head_dim] mean head outputs at the last token (clean prompts)
     ie: torch.Tensor  # [n_layers, n_heads] mean indirect effect (shuffled-label prompts)
     computed: bool  # False when a published item was found
@@ -161,10 +161,10 @@ class IclTaskSweep:
 
 
 @dataclass(frozen=True)
-class Sweeps:
-    icl_tasks: list[IclTaskSweep]
+class Patchings:
+    icl_tasks: list[IclTaskPatching]
 
-    def __getitem__(self, name: str) -> IclTaskSweep:
+    def __getitem__(self, name: str) -> IclTaskPatching:
         return next(t for t in self.icl_tasks if t.name == name)
 
     def __contains__(self, name: object) -> bool:
@@ -188,15 +188,15 @@ class Sweeps:
     def computed(self) -> int:
         return sum(t.computed for t in self.icl_tasks)
 
-    def only(self, names: list[str]) -> Sweeps:
-        return Sweeps([self[n] for n in names])
+    def only(self, names: list[str]) -> Patchings:
+        return Patchings([self[n] for n in names])
 
 
-def sweep_icl_tasks(conf: Config, jobs: list[IclTaskJob], pool) -> Sweeps:
-    """The head sweep of every ICL task, ICL tasks in parallel across the model actors (pool: actors.ModelPool)."""
+def patch_icl_tasks(conf: Config, jobs: list[IclTaskJob], pool) -> Patchings:
+    """The head patching of every ICL task, ICL tasks in parallel across the model actors (pool: actors.ModelPool)."""
     info = pool.describe()
-    stages = [sweep_stage(conf.store.root, info.id, j) for j in jobs]
-    found = pool.map(find_or_compute, [StageWork(s, j.name, compute_sweep, j) for s, j in zip(stages, jobs)],
-                     desc="FV sweep (ICL tasks)")
-    return Sweeps([IclTaskSweep(j.name, s.key, item.tensors["means"], item.tensors["ie"], computed)
+    stages = [patching_stage(conf.store.root, info.id, j) for j in jobs]
+    found = pool.map(find_or_compute, [StageWork(s, j.name, compute_patching, j) for s, j in zip(stages, jobs)],
+                     desc="FV head patching (ICL tasks)")
+    return Patchings([IclTaskPatching(j.name, s.key, item.tensors["means"], item.tensors["ie"], computed)
                    for j, s, (item, computed) in zip(jobs, stages, found)])

@@ -20,7 +20,7 @@ from lensflow.tasks.function_vectors.evaluation import (
     nanmean,
 )
 from lensflow.tasks.function_vectors.heads import Head
-from lensflow.tasks.function_vectors.patching import Sweeps
+from lensflow.tasks.function_vectors.patching import Patchings
 
 
 def mean_accuracies(evals: list[IclTaskEval]) -> Accuracies:
@@ -53,21 +53,21 @@ class FvRun:
     """Everything one function-vectors run found or computed, as the flow hands it to the log."""
 
     model: str
-    sweeps: Sweeps  # every swept ICL task: the evaluated ones, then those only a transfer names
+    patchings: Patchings  # every swept ICL task: the evaluated ones, then those only a transfer names
     heads: list[Head]
     choice: LayerChoice
-    curves: list[LayerCurve]  # validation layer sweeps (empty for a configured layer)
+    curves: list[LayerCurve]  # validation layer patchings (empty for a configured layer)
     evals: list[IclTaskEval]
     transfers: list[TransferResult]
-    sweep_layers: list[int]
+    scan_layers: list[int]
 
-    def heads_sweeps(self) -> Sweeps:
-        """The evaluated ICL tasks' sweeps, whose average indirect effect chose the heads."""
-        return self.sweeps.only([e.name for e in self.evals])
+    def heads_sweeps(self) -> Patchings:
+        """The evaluated ICL tasks' patchings, whose average indirect effect chose the heads."""
+        return self.patchings.only([e.name for e in self.evals])
 
     def computed(self) -> dict[str, int]:
         """Stage items this run computed (the rest were found under store.root)."""
-        return {"sweeps": self.sweeps.computed, "valid": sum(c.computed for c in self.curves),
+        return {"patchings": self.patchings.computed, "valid": sum(c.computed for c in self.curves),
                 "evals": sum(e.computed for e in self.evals), "transfers": sum(t.computed for t in self.transfers)}
 
 
@@ -102,7 +102,7 @@ def _log_per_task(run: tracking.RunRef, r: FvRun) -> None:
 
 def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     """Log the run to MLflow; returns the flow's summary."""
-    n_tasks, n_swept, n_layers = len(r.evals), len(r.sweeps.icl_tasks), r.sweeps.aie.shape[0]
+    n_tasks, n_swept, n_layers = len(r.evals), len(r.patchings.icl_tasks), r.patchings.aie.shape[0]
     tracking.measures(run, MEASURES)
     _log_heads(run, r)
     if r.evals:
@@ -113,21 +113,21 @@ def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     metrics |= {f"fv.transfer.{t.metric_name}.{m}": v for t in r.transfers for m, v in t.metrics().items()}
     computed = r.computed()
     metrics |= {"fv.layer": r.choice.layer, "fv.top_k": len(r.heads), "fv.tasks": n_tasks, "fv.wall_s": wall_s,
-                "fv.sweeps_cached": n_swept - computed["sweeps"]}
+                "fv.sweeps_cached": n_swept - computed["patchings"]}
     metrics |= {f"fv.{k}_computed": v for k, v in computed.items()}
     tracking.log_metrics(run, metrics)
     tracking.set_tags(run, {"fv.layer_choice": r.choice.how})
-    curve = {layer: nanmean([e.layer_sweep.get(layer, float("nan")) for e in r.evals]) for layer in r.sweep_layers}
+    curve = {layer: nanmean([e.layer_scan.get(layer, float("nan")) for e in r.evals]) for layer in r.scan_layers}
     if r.choice.curve:
         tracking.log_series(run, "fv.layer_valid.zero_shot_fv.acc", r.choice.curve)
     if curve:
-        tracking.log_series(run, "fv.layer_sweep.zero_shot_fv.acc", curve)
+        tracking.log_series(run, "fv.layer_scan.zero_shot_fv.acc", curve)
         series = {"FV added at layer": curve, "no FV": {layer: means["zero_shot.acc"] for layer in curve}}
         if r.choice.curve:
             series["FV, validation queries"] = r.choice.curve
         fig = layer_curves({"zero-shot": series}, "accuracy (mean over ICL tasks)",
                            f"{r.model}: where to add the function vector")
-        tracking.log_figure(run, fig, "plots/fv_layer_sweep.png")
+        tracking.log_figure(run, fig, "plots/fv_layer_scan.png")
     tracking.log_tensors(run, {e.name: e.fv for e in r.evals}, "fv/function_vectors.safetensors")
     tracking.log_text(run, table(r.evals, r.transfers), "fv/results.md")
     if r.transfers:
@@ -135,14 +135,14 @@ def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     return {"run_id": run.run_id, "tasks": n_tasks, "layer": r.choice.layer, "layer_choice": r.choice.how,
             "layer_valid": r.choice.curve, "top_k": len(r.heads), "heads": r.heads,
             "heads_per_layer": np.bincount([layer for layer, _ in r.heads], minlength=n_layers).tolist(),
-            "mean": means, "layer_sweep": curve, "sweeps_cached": n_swept - computed["sweeps"], "computed": computed,
+            "mean": means, "layer_scan": curve, "sweeps_cached": n_swept - computed["patchings"], "computed": computed,
             "transfer": {f"{t.source}->{t.target}": t.metrics() for t in r.transfers},
             "wall_s": wall_s}
 
 
 def _log_heads(run: tracking.RunRef, r: FvRun) -> None:
-    sweeps = r.heads_sweeps()
-    aie, names = sweeps.aie, sweeps.names
+    patchings = r.heads_sweeps()
+    aie, names = patchings.aie, patchings.names
     tracking.log_array(run, aie, "aie.npy")
     # where the heads are, per layer (step = layer): the strongest head's AIE, and how many of the chosen top-k
     tracking.log_series(run, "fv.aie.max_head", {layer: float(np.nanmax(row)) for layer, row in enumerate(aie)})
@@ -150,7 +150,7 @@ def _log_heads(run: tracking.RunRef, r: FvRun) -> None:
     tracking.log_series(run, "fv.heads.chosen", {layer: int(n) for layer, n in enumerate(chosen)})
     tracking.log_figure(run, heatmap(aie, f"{r.model}: average indirect effect ({len(names)} ICL tasks)"),
                         "plots/fv_aie.png")
-    tracking.log_array(run, sweeps.ie, "fv/indirect_effects.npy")
+    tracking.log_array(run, patchings.ie, "fv/indirect_effects.npy")
     tracking.log_text(run, json.dumps({"axes": ["icl_task", "layer", "head"], "icl_tasks": names}, indent=1),
                       "fv/indirect_effects.json")
     tracking.log_text(run, json.dumps({"layer": r.choice.layer, "layer_choice": r.choice.how, "k": len(r.heads),

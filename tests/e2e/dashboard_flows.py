@@ -52,7 +52,7 @@ def main(uri: str, folder: Path) -> dict:
         *base, "function_vectors.icl_tasks=[antonym, country_capital, english_french]", "function_vectors.n_shots=3",
         "function_vectors.n_clean=3", "function_vectors.n_shuffled=2", "function_vectors.n_test=4",
         "function_vectors.n_valid=4", "function_vectors.demo_sets=2", "function_vectors.filter_correct=false",
-        "function_vectors.top_k=3", "function_vectors.layer=auto", "function_vectors.layer_sweep_stride=1"])["run_id"]
+        "function_vectors.top_k=3", "function_vectors.layer=auto", "function_vectors.layer_scan_stride=1"])["run_id"]
     runs["multilingual"] = multilingual_flow(overrides=[
         *base, "store.chunk_size=4", "multilingual.languages=[en, fr]",
         f"multilingual.files={{en: {files['en']}, fr: {files['fr']}}}", "multilingual.paragraph_tokens=48",

@@ -1,8 +1,8 @@
-"""Function-vector head sweep: the exact fast sweep (one prefix pass + one packed pass of n_layers * n_heads
+"""Function-vector head patching: the exact fast patching (one prefix pass + one packed pass of n_layers * n_heads
 single-token rows) against the naive method (one full forward pass per head), side by side on the same
 shuffled-label 10-shot prompts. Prints the time of each, their ratio and the largest difference.
 
-    python benchmarks/bench_fv_sweep.py [--model smollm2-135m] [--prompts 2] [--threads N]
+    python benchmarks/bench_fv_patching.py [--model smollm2-135m] [--prompts 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
               f"max |diff| {diff:.2e} (largest effect {naive.abs().max().item():.3f})")
     print(f"total: fast {t_fast:.2f} s, naive {t_naive:.1f} s -> speed-up {t_naive / t_fast:.1f}x; "
           f"max abs diff {worst:.2e}")
-    emit("fv_sweep", "time per prompt", "packed single-token head patching", "one forward per head",
+    emit("fv_patching", "time per prompt", "packed single-token head patching", "one forward per head",
          t_naive / t_fast, max_abs_diff=worst)
 
 
