@@ -80,3 +80,10 @@ class MlflowServer:
 
     def stop(self) -> None:
         kill_tree(self.proc.pid, signal.SIGTERM)
+
+
+def cli(*args: str) -> tuple[int, list[str]]:
+    """The real `lensflow` command in its own process: (exit status, stderr lines)."""
+    p = subprocess.run([sys.executable, "-m", "lensflow.flows.cli", *args], check=False, capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stderr.strip().splitlines()

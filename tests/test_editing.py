@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from loopback import cli
 from mlflow.tracking import MlflowClient
 
 from lensflow.tasks.core.config import ConfigError, ModelConf
@@ -139,16 +140,6 @@ def test_requests(tmp_path):
         load_requests(str(bad))
 
 
-def _cli(*args: str) -> tuple[int, list[str]]:
-    """The real `lensflow` command in its own process: (exit status, stderr lines)."""
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "lensflow.flows.cli", *args], check=False, capture_output=True, text=True,
-                       timeout=300)
-    return p.returncode, p.stderr.strip().splitlines()
-
-
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
 
     bad = tmp_path / "req.jsonl"
@@ -156,10 +147,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     store, db = tmp_path / "store", tmp_path / "mlflow.db"
     base = ["run", "edit", "--set", "model.name=tiny-llama", "--set", f"store.root={store}",
             "--set", f"tracking.uri=sqlite:///{db}"]
-    code, err = _cli(*base, "--set", f"edit.requests={bad}")
+    code, err = cli(*base, "--set", f"edit.requests={bad}")
     assert code == 2
     assert len(err) == 1 and "req.jsonl: line 1" in err[0]
-    code, err = _cli(*base, "--set", "edit.memit_layers=[1,4]")
+    code, err = cli(*base, "--set", "edit.memit_layers=[1,4]")
     assert code == 2
     assert len(err) == 1 and "edit.memit_layers" in err[0] and "[4]" in err[0]
     assert not store.exists() and not db.exists()

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from loopback import cli
 from mlflow.tracking import MlflowClient
 
 from lensflow.tasks.core.config import ConfigError, ModelConf
@@ -149,16 +150,6 @@ def test_bad_relation_files(tmp_path, content, key):
         load_relations(str(path))
 
 
-def _cli(*args: str) -> tuple[int, list[str]]:
-    """The real `lensflow` command in its own process: (exit status, stderr lines)."""
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "lensflow.flows.cli", *args], check=False, capture_output=True, text=True,
-                       timeout=300)
-    return p.returncode, p.stderr.strip().splitlines()
-
-
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
 
     (tmp_path / "rels").mkdir()
@@ -166,10 +157,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     store, db = tmp_path / "store", tmp_path / "mlflow.db"
     base = ["run", "lre", "--set", "model.name=tiny-llama", "--set", f"store.root={store}",
             "--set", f"tracking.uri=sqlite:///{db}", "--set", "lre.layers=[1,2]"]
-    code, err = _cli(*base, "--set", f"lre.relations={tmp_path / 'rels'}")
+    code, err = cli(*base, "--set", f"lre.relations={tmp_path / 'rels'}")
     assert code == 2
     assert len(err) == 1 and "r.json" in err[0] and '"samples"' in err[0]
-    code, err = _cli(*base, "--set", "lre.layers=[1,4]")  # resid 4 exists, but no block follows it
+    code, err = cli(*base, "--set", "lre.layers=[1,4]")  # resid 4 exists, but no block follows it
     assert code == 2
     assert len(err) == 1 and "lre.layers" in err[0] and "[4]" in err[0]
     assert not store.exists() and not db.exists()
