@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,24 +193,29 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
         "function_vectors.transfer=[antonym->antonym_french, antonym_french->antonym]",
     ]
     out = function_vectors_flow(config="conf/default.yaml", overrides=overrides)
-    assert out["tasks"] == 2 and len(out["heads"]) == 3 and out["sweeps_cached"] == 0
+    assert out["tasks"] == 2 and len(out["heads"]) == 3 and out["patchings_cached"] == 0
     assert out["computed"] == {"patchings": 3, "valid": 2, "evals": 2, "transfers": 2}  # antonym_french: transfer only
     client = MlflowClient(local_uri(tracking_uri))
     run_id = out["run_id"]
     run = client.get_run(run_id)
     metrics = run.data.metrics
-    for icl_task in ("antonym", "country_capital"):
+    # per ICL task: one table (no chart per ICL task), read back from the run's artifact
+    table = json.loads(Path(client.download_artifacts(run_id, "fv/per_task.json", str(tmp_path))).read_text())
+    per_task = {row[table["columns"].index("icl_task")]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert sorted(per_task) == ["antonym", "country_capital"]
+    assert not [k for k in metrics if k.split("/")[-1].startswith(("antonym.", "country_capital."))]
+    for icl_task in per_task:
         for kind in ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "natural_text", "natural_text_fv"):
-            assert 0.0 <= metrics[metric_key(f"fv.{icl_task}.{kind}.acc")] <= 1.0
+            assert 0.0 <= per_task[icl_task][f"{kind}.acc"] <= 1.0
     assert metrics[metric_key("fv.mean.zero_shot.acc")] == pytest.approx(
-        (metrics[metric_key("fv.antonym.zero_shot.acc")] + metrics[metric_key("fv.country_capital.zero_shot.acc")]) / 2)
+        (per_task["antonym"]["zero_shot.acc"] + per_task["country_capital"]["zero_shot.acc"]) / 2)
     for pair in ("antonym->antonym_french", "antonym_french->antonym"):
         for kind in ("icl", "zero_shot", "zero_shot_own_fv", "zero_shot_fv"):
             logged = metrics[metric_key(f"fv.transfer.{pair.replace('->', '__to__')}.{kind}.acc")]
             assert logged == out["transfer"][pair][f"{kind}.acc"]
     # the reverse transfer's target is an evaluated ICL task: its own-vector reference is the evaluation's number
     own = metrics[metric_key("fv.transfer.antonym_french__to__antonym.zero_shot_own_fv.acc")]
-    assert own == metrics[metric_key("fv.antonym.zero_shot_fv.acc")]
+    assert own == per_task["antonym"]["zero_shot_fv.acc"]
     assert sorted(m.step for m in client.get_metric_history(run_id, metric_key("fv.layer_scan.zero_shot_fv.acc"))) == [0, 2]
     # layer=auto: the logged validation curve's best layer (the earliest of equals) is the layer used
     valid = {m.step: m.value for m in client.get_metric_history(run_id, metric_key("fv.layer_valid.zero_shot_fv.acc"))}
@@ -233,7 +239,7 @@ def test_flow_end_to_end_and_resume(ray_session, prefect_harness, tmp_path, trac
     assert len(rows) == 4 and rows[2].startswith("| antonym -> antonym_french | ")
 
     again = function_vectors_flow(config="conf/default.yaml", overrides=overrides)  # every stage item is found
-    assert again["sweeps_cached"] == 3 and again["computed"] == {"patchings": 0, "valid": 0, "evals": 0, "transfers": 0}
+    assert again["patchings_cached"] == 3 and again["computed"] == {"patchings": 0, "valid": 0, "evals": 0, "transfers": 0}
     assert again["heads"] == out["heads"] and again["layer"] == out["layer"]
     assert again["mean"] == pytest.approx(out["mean"], nan_ok=True) and again["transfer"] == out["transfer"]
     fixed = function_vectors_flow(config="conf/default.yaml", overrides=[*overrides, "function_vectors.layer=1"])

@@ -92,7 +92,7 @@ def per_task_figure(evals: list[IclTaskEval], model: str):
 
 
 def _log_per_task(run: tracking.RunRef, r: FvRun) -> None:
-    """Per-ICL-task results as one MLflow table (`fv/per_task.json`) and one heatmap, besides the metrics."""
+    """Per-ICL-task results as one MLflow table (`fv/per_task.json`) and one heatmap: a table, not 6 charts per ICL task."""
     rows = {"icl_task": [e.name for e in r.evals]}
     for k in r.evals[0].acc.metrics():
         rows[k] = [e.acc.metrics()[k] for e in r.evals]
@@ -108,12 +108,11 @@ def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     if r.evals:
         _log_per_task(run, r)
     means = {k: v for k, v in mean_accuracies(r.evals).metrics().items() if k != "n_eval"}
-    metrics = {f"fv.{e.name}.{m}": v for e in r.evals for m, v in e.acc.metrics().items()}
-    metrics |= {f"fv.mean.{m}": v for m, v in means.items()}
+    metrics = {f"fv.mean.{m}": v for m, v in means.items()}
     metrics |= {f"fv.transfer.{t.metric_name}.{m}": v for t in r.transfers for m, v in t.metrics().items()}
     computed = r.computed()
     metrics |= {"fv.layer": r.choice.layer, "fv.top_k": len(r.heads), "fv.tasks": n_tasks, "fv.wall_s": wall_s,
-                "fv.sweeps_cached": n_swept - computed["patchings"]}
+                "fv.patchings_cached": n_swept - computed["patchings"]}
     metrics |= {f"fv.{k}_computed": v for k, v in computed.items()}
     tracking.log_metrics(run, metrics)
     tracking.set_tags(run, {"fv.layer_choice": r.choice.how})
@@ -135,7 +134,7 @@ def log_run(run: tracking.RunRef, r: FvRun, wall_s: float) -> dict:
     return {"run_id": run.run_id, "tasks": n_tasks, "layer": r.choice.layer, "layer_choice": r.choice.how,
             "layer_valid": r.choice.curve, "top_k": len(r.heads), "heads": r.heads,
             "heads_per_layer": np.bincount([layer for layer, _ in r.heads], minlength=n_layers).tolist(),
-            "mean": means, "layer_scan": curve, "sweeps_cached": n_swept - computed["patchings"], "computed": computed,
+            "mean": means, "layer_scan": curve, "patchings_cached": n_swept - computed["patchings"], "computed": computed,
             "transfer": {f"{t.source}->{t.target}": t.metrics() for t in r.transfers},
             "wall_s": wall_s}
 
