@@ -63,9 +63,17 @@ class _NoConfigErrors(logging.Filter):
                     or "TrackingUnavailable" in message)
 
 
+class _NoThreadWarning(logging.Filter):
+    """The flow runs in a thread (see _stoppable), where ray.init leaves SIGTERM to the CLI, as it should: no warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def _one_line_errors() -> None:
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoConfigErrors())
+    logging.getLogger("ray._private.worker").addFilter(_NoThreadWarning())
     # one warning per MLflow retry (and per heartbeat) while a tracking server is down; the outcome is one line
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
