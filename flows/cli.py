@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
         closed = close_open_runs("KILLED")
-        print(f"lensflow: stopped by {signum.name}; MLflow run(s) {', '.join(closed) or '(none open)'} closed as "
+        print(f"\nlensflow: stopped by {signum.name}; MLflow run(s) {', '.join(closed) or '(none open)'} closed as "
               "KILLED; every published stage is kept, and the same command resumes", file=sys.stderr)
         _leave_now(128 + signum)
     except Exception as err:

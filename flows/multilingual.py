@@ -28,7 +28,7 @@ sae_layers = stage(plan.sae_layers)
 @flow(name=EXPERIMENT.name, log_prints=True)
 def multilingual_flow(config: str = "conf/default.yaml", overrides: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
-    conf = load_config(config, overrides)
+    conf = plan.resolve_model(load_config(config, overrides))  # the section's model unless model.name is given
     inputs = plan.load_inputs(conf)  # bad inputs fail before any work
     with open_session(conf, EXPERIMENT.name) as s:
         # 1. model actors: general text, each language's SAE-training and measured paragraphs to the store; neurons
@@ -48,9 +48,12 @@ def multilingual_flow(config: str = "conf/default.yaml", overrides: list[str] | 
         # 2. one Ray remote call per layer trains (or finds) its SAE and measures the overlaps on the stored paragraphs
         jobs = plan.sae_jobs(conf, s.info, general, sae_text, paragraphs, layers, inputs)
         results = sae_layers(conf, jobs)
+        exported = plan.export_saelens(results, s.info)  # SAELens folders beside the stage items
         # 3. metrics with step = layer (SAE: resid layer; neurons: MLP block, which writes into resid layer block + 1),
         #    a child run per SAE this run trained
         summary = log_results(s.run, s.info, stores, results, neuron, inputs, t0)
     print(summary.text())
+    if exported:
+        print(f"SAEs in the SAELens layout: {next(iter(exported.values())).rsplit('/', 1)[0]}")
     print(f"MLflow run: {s.run.run_id} (experiment '{conf.tracking.experiment}'); {summary.wall_s:.0f} s")
     return summary.as_dict(s.run.run_id)

@@ -4,6 +4,7 @@ scaling through a float16 model, and the paper config's pins. Budget: under 30 s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -30,6 +31,7 @@ from lensflow.tasks.core.models import (
     tiny_config,
     tiny_tokenizer,
 )
+from lensflow.tasks.future_lens.samples import Block
 from lensflow.tasks.future_lens.soft_prompt import prompt_embeddings, train_soft_prompt
 from lensflow.tasks.future_lens.vocab_probe import VocabProbe
 from lensflow.tasks.registry import load_config
@@ -155,8 +157,8 @@ def test_soft_prompt_trains_through_a_float16_model_with_loss_scaling():
     lm16.model.half()
     g = torch.Generator().manual_seed(1)
     d = lm32.d_model
-    batches = [{"h": torch.randn(4, d, generator=g), "greedy": torch.randint(0, 200, (4, 2), generator=g),
-                "final": torch.randn(4, 2, d, generator=g)} for _ in range(3)]
+    batches = [Block(h=torch.randn(4, d, generator=g), greedy=torch.randint(0, 200, (4, 2), generator=g),
+                     final=torch.randn(4, 2, d, generator=g)) for _ in range(3)]
     init = prompt_embeddings(lm32, "Tell me", 3).float()
     p32, l32 = train_soft_prompt(lm32, 2, iter(batches), init, 3, 0.1)
     p16, l16 = train_soft_prompt(lm16, 2, iter(batches), init, 3, 0.1)
@@ -167,7 +169,7 @@ def test_soft_prompt_trains_through_a_float16_model_with_loss_scaling():
     assert (p16 - p32).abs().max() < 0.1 * (p32 - init).abs().max() + 1e-3
     # a step whose float16 pass overflows (a state beyond float16's range) is skipped, and training goes on; without
     # the scaler its NaN gradient would reach the float32 prompt and every later step
-    overflow = {**batches[0], "h": torch.full((4, d), 1e5)}
+    overflow = dataclasses.replace(batches[0], h=torch.full((4, d), 1e5))
     p, losses = train_soft_prompt(lm16, 2, iter([overflow, *batches[:2]]), init, 3, 0.1)
     assert math.isnan(losses[0]) and all(math.isfinite(x) for x in losses[1:])
     assert torch.isfinite(p).all() and (p - init).abs().max() > 0

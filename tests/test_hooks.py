@@ -178,3 +178,37 @@ def test_gemma3_sites_are_what_enters_the_residual_stream(tiny_lms):
     p = 8  # beyond the local window of the first token
     torch.testing.assert_close(a["resid", 1][0, p], b["resid", 1][0, p], atol=1e-6, rtol=0)  # local layer 0
     assert (a["resid", 2][0, p] - b["resid", 2][0, p]).abs().max() > 1e-4  # global layer 1 sees token 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_in_is_what_the_mlp_reads_and_an_edit_there_feeds_it(tiny_lms, family):
+    """mlp_in against a hand-written pre-hook on the family's MLP module (after its pre-MLP norm), the MLP applied
+    to that read gives the module's own output, and replacing mlp_in changes what the MLP computes from."""
+    lm = tiny_lms[family]
+    enc = lm.encode(TEXTS)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    seen, handles = {}, []
+    for i, block in enumerate(lm.model.get_submodule(lm.spec.blocks)):
+        mlp = block.get_submodule("mlp")  # every family's MLP module (SITE_MODULES: what lies around it)
+        handles.append(mlp.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(i, (a[0].detach().clone(), o.detach().clone()))))
+    try:
+        lm.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    with trace(lm, reads=[Read("mlp_in", l) for l in range(lm.n_layers)]) as t:
+        lm.base(**inputs)
+    for l in range(lm.n_layers):
+        torch.testing.assert_close(t["mlp_in", l], seen[l][0], atol=1e-6, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(lm.mlp(l)(t["mlp_in", l]), seen[l][1], atol=1e-5, rtol=0)
+    zero = torch.zeros(lm.d_model)
+    got = {}
+    h = lm.mlp(0).register_forward_hook(lambda m, a, o: got.setdefault("in", a[0].detach()))
+    try:
+        with trace(lm, edits=[Edit("mlp_in", 0, zero, position=1)]):
+            lm.base(**inputs)
+    finally:
+        h.remove()
+    assert got["in"][:, 1].abs().max() == 0 and torch.equal(got["in"][:, 0], seen[0][0][:, 0])

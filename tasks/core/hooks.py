@@ -11,6 +11,7 @@ Sites (names users type in configs):
                the post-attention norm where the family has one: Gemma 2/3)
   mlp_out      MLP block output as added to the residual stream (after the post-MLP norm in Gemma 2/3)
   mlp_neurons  MLP hidden activations (the input of its down projection)
+  mlp_in       what the MLP reads: the input of the MLP module, after the pre-MLP norm (a transcoder's input)
 Block sites use the 0-based block index. Edits are out-of-place, so gradients flow through them
 (soft prompts and lenses train through `trace`).
 """
@@ -25,7 +26,7 @@ import torch
 
 from lensflow.tasks.core.models import LM
 
-SITES = ("resid", "attn_head", "attn_out", "mlp_out", "mlp_neurons")
+SITES = ("resid", "attn_head", "attn_out", "mlp_out", "mlp_neurons", "mlp_in")
 Index = int | torch.Tensor  # an int for every row, or a LongTensor with one entry per touched row
 
 
@@ -134,6 +135,8 @@ def _module_for(lm: LM, site: str, layer: int) -> tuple[torch.nn.Module, bool]:
         return lm.mlp_resid(layer), False
     if site == "mlp_neurons":
         return lm.mlp_down(layer), True
+    if site == "mlp_in":
+        return lm.mlp(layer), True
     raise ValueError(f"unknown site '{site}' (sites: {', '.join(SITES)})")
 
 

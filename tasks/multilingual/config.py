@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lensflow.tasks.core.config import Section
+
+# language codes the experiment knows: the shipped corpus and antonym set have each of them, so a typo fails here
+# instead of as a missing file; a user's own `files` may hold any subset of them
+LANGUAGES = ("en", "fr", "es", "de", "zh")
 
 
 class MultilingualConf(Section):
@@ -26,6 +30,9 @@ class MultilingualConf(Section):
         # the general text and are never measured: an English-only SAE reconstructs other languages poorly
         train_paragraphs: int = Field(default=50, ge=0)  # of the 120 shipped lines: 70 stay measured
         general_share: float = Field(default=0.25, ge=0, le=1)  # of training tokens; the rest: languages, equally
+        # a folder of pretrained SAEs in the SAELens layout, one subfolder `layer_LL` (cfg.json +
+        # sae_weights.safetensors) per resid layer: used instead of training (tasks/multilingual/saelens.py)
+        pretrained: str | None = None
 
     class Neurons(Section):
         enabled: bool = True
@@ -34,7 +41,11 @@ class MultilingualConf(Section):
         calibration_prompts: int = Field(default=64, gt=0)
         batch_prompts: int = Field(default=16, gt=0)  # texts per actor call (neuron activations are large)
 
-    languages: list[str] = ["en", "fr", "es", "de"]
+    # the model this flow runs when the run config names none (model.name unset): Gemma 3 270M is multilingual, SmolLM2
+    # (the default of every other flow) answers the seed's prompts in English only; an explicit model.name wins, and
+    # null defers to model.name (plan.resolve_model)
+    model: str | None = "gemma3-270m"
+    languages: list[str] = list(LANGUAGES)
     pairs: list[str] | None = None  # ["en-fr", ...]; None = every pair of `languages`
     files: dict[str, str] | None = None  # {lang: aligned .txt, one paragraph per line}; None = shipped corpus
     max_paragraphs: int | None = Field(default=None, gt=1)
@@ -45,3 +56,13 @@ class MultilingualConf(Section):
     seed: int = 0
     sae: SAE = SAE()
     neurons: Neurons = Neurons()
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, v: list[str]) -> list[str]:
+        unknown = [lang for lang in v if lang not in LANGUAGES]
+        if unknown:
+            raise ValueError(f"unknown language code(s) {unknown} (known: {', '.join(LANGUAGES)})")
+        if len(set(v)) != len(v):
+            raise ValueError("a language is listed twice")
+        return v

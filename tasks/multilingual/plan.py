@@ -5,6 +5,7 @@ without Prefect or Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from lensflow.tasks.core.devices import cluster_gpus
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.prompts import load_prompts
+from lensflow.tasks.core.stages import is_remote
 from lensflow.tasks.multilingual.config import MultilingualConf
 from lensflow.tasks.multilingual.overlap import (
     OverlapJob,
@@ -24,7 +26,8 @@ from lensflow.tasks.multilingual.overlap import (
     sae_layer,
 )
 from lensflow.tasks.multilingual.parallel import load_parallel
-from lensflow.tasks.multilingual.sae import SAEJob, TrainSpec, sae_stage
+from lensflow.tasks.multilingual.sae import SAEJob, SparseAutoencoder, TrainSpec, sae_stage
+from lensflow.tasks.multilingual.saelens import export_sae, import_sae
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,22 @@ class MultilingualInputs:
     @property
     def n_paragraphs(self) -> int:
         return len(next(iter(self.corpus.values())))
+
+
+def resolve_model(conf: Config) -> Config:
+    """The run config with the section's model applied: `multilingual.model` when the run config names no
+    model.name (pydantic's fields_set: a YAML key or --set, even one equal to the core default), else unchanged.
+    So the flow's default is Gemma 3 while the model section, shared by every flow, keeps SmolLM2 as its default."""
+    mc = conf.multilingual
+    if mc.model is None or "name" in conf.model.model_fields_set:
+        return conf
+    return with_overrides(conf, {"model.name": mc.model})
+
+
+def check_inputs(conf: Config) -> None:
+    """Preflight (the CLI, before any model loads or output exists): the corpus, the pairs and the general text,
+    read with the model this flow will run, so a bad file or language fails as one line with exit 2."""
+    load_inputs(resolve_model(conf))
 
 
 def load_inputs(conf: Config) -> MultilingualInputs:
@@ -86,14 +105,51 @@ def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, sae_text: dict[
     and the SAE settings; its overlap item keyed by that SAE stage, the measured paragraph stores, the pairs and
     the baseline's seed."""
     mc, sc = conf.multilingual, conf.multilingual.sae
+    if sc.activation == "topk" and sc.k > sc.expansion * info.d_model:
+        raise ConfigError(f"config key 'multilingual.sae.k': {sc.k} exceeds the SAE width {sc.expansion * info.d_model} "
+                          f"(multilingual.sae.expansion {sc.expansion} x d_model {info.d_model})")
     train_keys = {lang: ex.key for lang, ex in sae_text.items()}
     saes = sae_stage(conf.store.root, general.key, sc, mc.skip_first, mc.seed, train_keys)
     overlaps = overlap_stage(conf.store.root, saes, {l: ex.key for l, ex in paragraphs.items()}, inputs.pairs, mc.seed)
     spec = TrainSpec(steps=sc.steps, batch_tokens=sc.batch_tokens, lr=sc.lr, l1=sc.l1, seed=mc.seed)
     urls, train_urls = {l: ex.url for l, ex in paragraphs.items()}, {l: ex.url for l, ex in sae_text.items()}
+    if sc.pretrained is not None:
+        check_pretrained(sc.pretrained, layers, info.d_model)
     return [OverlapJob(SAEJob(saes, general.url, l, sc.expansion * info.d_model, sc.activation, sc.k, spec, sc.holdout,
-                              mc.skip_first, train_urls, sc.general_share), overlaps, urls, inputs.pairs,
-                       inputs.perm.tolist()) for l in layers]
+                              mc.skip_first, train_urls, sc.general_share, sc.pretrained), overlaps, urls,
+                       inputs.pairs, inputs.perm.tolist()) for l in layers]
+
+
+def check_pretrained(folder: str, layers: list[int], d_model: int) -> None:
+    """Every chosen layer's SAELens folder reads and fits the model (one line naming the folder otherwise)."""
+    for l in layers:
+        sae = import_sae(f"{folder}/layer_{l:02d}")
+        if sae.W_dec.shape[1] != d_model:
+            raise ConfigError(f"config key 'multilingual.sae.pretrained': {folder}/layer_{l:02d} has d_in "
+                              f"{sae.W_dec.shape[1]}, the model's width is {d_model}")
+
+
+def hook_name(layer: int, n_layers: int) -> str:
+    """TransformerLens's name of resid layer `layer` (SAELens cfg.json `hook_name`)."""
+    return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+
+
+def export_saelens(results: list[SAELayerResult], info: ModelInfo) -> dict[int, str]:
+    """Every layer's SAE also as a SAELens folder `{store root}/saelens/{sae stage name}/{key}/layer_LL`, written
+    once (a rerun finds it; a resumed run writes what a killed one had not), so other tools load the SAEs. Local
+    stores only: an object store keeps the stage items. Returns layer -> folder."""
+    out = {}
+    for r in results:
+        st = r.sae_stage
+        if is_remote(st.root):
+            continue
+        folder = Path(st.root.removeprefix("file://"), "saelens", st.name, st.key, f"layer_{r.layer:02d}")
+        if not ((folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file()):
+            item = st.load(f"layer_{r.layer:02d}")
+            export_sae(SparseAutoencoder.from_state(item.tensors), folder, hook_name(r.layer, info.n_layers),
+                       info.name, r.layer)
+        out[r.layer] = str(folder)
+    return out
 
 
 def sae_layers(conf: Config, jobs: list[OverlapJob]) -> list[SAELayerResult]:

@@ -276,6 +276,8 @@ def sae_stage(root: str, general_key: str, sc: MultilingualConf.SAE, skip_first:
     language_keys = dict(language_keys or {})
     params = {**{p: getattr(sc, p) for p in SAE_PARAMS}, "skip_first": skip_first, "seed": seed,
               "languages": list(language_keys)}
+    if sc.pretrained is not None:  # keyed only when set, so trained SAEs keep the keys they had
+        params["pretrained"] = str(sc.pretrained)
     return Stage.of(root, "multilingual/sae", None, params, inputs=[general_key, *language_keys.values()],
                     version=VERSION)
 
@@ -307,6 +309,7 @@ class SAEJob:
     skip_first: bool
     languages: dict[str, str] = field(default_factory=dict)  # language -> store URL of its training paragraphs
     general_share: float = 1.0  # of training tokens; the rest is split equally among `languages`
+    pretrained: str | None = None  # SAELens-layout folder with `layer_LL` subfolders: imported, not trained
 
     @property
     def item(self) -> str:
@@ -348,6 +351,15 @@ def training_sources(job: SAEJob) -> dict[str, tuple[Activations, slice, float]]
 def _train(job: SAEJob) -> Item:
     sources = training_sources(job)
     acts, rows, _ = sources["general"]
+    if job.pretrained is not None:  # a user's dictionary: measured on the held-out text like a trained one
+        from lensflow.tasks.multilingual.saelens import import_sae
+
+        sae = import_sae(f"{job.pretrained}/{job.item}").to(_device())
+        held = slice(rows.stop, acts.n)
+        metrics = evaluate(sae, token_blocks(acts, job.layer, held, acts.chunk_rows, job.skip_first))
+        params = {"layer": job.layer, "width": sae.width, "activation": sae.activation, "k": sae.k,
+                  "pretrained": job.pretrained}
+        return Item(sae.state(), {"metrics": metrics, "losses": [], "params": params, "trained_on": {}})
     sae = SparseAutoencoder(acts.d_model, job.width, job.activation, job.k, seed=job.spec.seed + job.layer)
     sae = sae.to(_device())
     streams = [lambda a=a, r=r: token_blocks(a, job.layer, r, a.chunk_rows, job.skip_first)
