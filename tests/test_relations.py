@@ -190,7 +190,7 @@ def test_flow_end_to_end(ray_session, prefect_harness, tmp_path, tracking_uri):
     client = MlflowClient(tracking_uri)
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
-    hist = client.get_metric_history(out["run_id"], metric_key("lre.faithfulness.logit_lens.per_layer"))
+    hist = client.get_metric_history(out["run_id"], metric_key("lre.layer.faithfulness.logit_lens"))
     assert sorted(m.step for m in hist) in ([1, 3], [])  # NaN layers (no known subject) are not logged
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}
     assert {"plots/lre_faithfulness_by_kind.png", "plots/lre_relations.png"} <= artifacts

@@ -30,4 +30,7 @@ EXPERIMENT = Experiment(
     check_inputs=_check_inputs,
     section="edit",
     config=EditConf,
+    # headline: the edited model's four scores for ROME and MEMIT; the unedited model's and the layer below them
+    metric_sections=(("edit.rome.unedited.", "edit.details"), ("edit.memit.unedited.", "edit.details"),
+                     ("edit.rome.layer", "edit.details")),
 )

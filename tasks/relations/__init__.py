@@ -28,5 +28,7 @@ EXPERIMENT = Experiment(
     check_inputs=_check_inputs,
     section="lre",
     config=LreConf,
-    metric_sections=(("lre.relation.", "lre_relations"),),
+    # headline: the mean faithfulness and causality per layer (7 curves); per-relation curves and every single value
+    # (means, kinds, the fitted settings) below it
+    metric_sections=(("lre.layer.", "lre"), ("lre.relation.", "lre.relations"), ("lre.", "lre.details")),
 )

@@ -84,7 +84,7 @@ def log_results(run: tracking.RunRef, model: str, fitted: Fitted) -> str:
             for m, vals in getattr(r, table_name).items():
                 tracking.log_series(run, f"lre.relation.{_slug(r.name)}.{table_name}.{m}", dict(zip(r.layers, vals)))
     for key, curve in s.per_layer.items():
-        tracking.log_series(run, f"lre.{key}.per_layer", curve)
+        tracking.log_series(run, f"lre.layer.{key}", curve)
     tracking.log_metrics(run, {**{f"lre.faithfulness.{m}": v for m, v in s.faithfulness.items()},
                                **{f"lre.causality.{m}": v for m, v in s.causality.items()},
                                **{f"lre.kind.{k}.faithfulness.{m}": v for k, d in s.by_kind.items() for m, v in d.items()},
