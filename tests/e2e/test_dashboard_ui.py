@@ -101,7 +101,7 @@ def test_root_address_leads_a_new_member_to_the_runs_in_the_training_view(store,
     b.screenshot(shots / "dashboard_experiment.png")
     # a run from the runs list (the switch is kept in this browser: the run's link carries no workflowType)
     name = client.get_run(runs["future-lens"]).info.run_name
-    assert b.click(name, ".ag-root a")
+    b.wait(lambda b: b.click(name, ".ag-root a"), 30, f"the run {name} in the runs list")  # the grid draws late
     b.wait(lambda b: runs["future-lens"] in b.url and "Model metrics" in b.text(), 60, "the run's page")
     assert "Evaluations" not in b.text()
     assert "Runs\nModels" in b.text() and not any(g in b.text() for g in GENAI)
