@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from lensflow.tasks.core.config import ConfigError
+from lensflow.tasks.core.dictionaries.saelens import export_sae, import_sae
 from lensflow.tasks.multilingual import antonyms as ant
 from lensflow.tasks.multilingual.config import LANGUAGES, MultilingualConf
 from lensflow.tasks.multilingual.parallel import load_parallel
 from lensflow.tasks.multilingual.plan import resolve_model
 from lensflow.tasks.multilingual.sae import SparseAutoencoder
-from lensflow.tasks.multilingual.saelens import export_sae, import_sae
 from lensflow.tasks.registry import load_config
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
@@ -126,7 +126,7 @@ def test_import_rejects_other_layouts_with_one_line(tmp_path):
 
 
 def test_transcoder_learns_the_mlp_and_its_spliced_loss_matches_a_plain_hook(tiny_lms):
-    from lensflow.tasks.multilingual.transcoder import (
+    from lensflow.tasks.core.dictionaries.transcoder import (
         Transcoder,
         evaluate_transcoder,
         mlp_pairs,

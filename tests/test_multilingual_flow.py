@@ -218,8 +218,8 @@ def test_saes_round_trip_through_the_saelens_layout(clean, settings, tmp_path):
     """Each layer's SAE is exported as a SAELens folder equal to its stage item, and a run importing those folders
     (`multilingual.sae.pretrained`) trains nothing and measures the same overlaps and FVE as the clean run."""
     from lensflow.flows.multilingual import multilingual_flow
+    from lensflow.tasks.core.dictionaries.saelens import import_sae
     from lensflow.tasks.multilingual.sae import SparseAutoencoder
-    from lensflow.tasks.multilingual.saelens import import_sae
 
     root, out = clean
     stored = [n for n in _items(root) if n.startswith("multilingual/sae/") and n.endswith("/layer_02.safetensors")]

@@ -31,7 +31,7 @@ class MultilingualConf(Section):
         train_paragraphs: int = Field(default=50, ge=0)  # of the 120 shipped lines: 70 stay measured
         general_share: float = Field(default=0.25, ge=0, le=1)  # of training tokens; the rest: languages, equally
         # a folder of pretrained SAEs in the SAELens layout, one subfolder `layer_LL` (cfg.json +
-        # sae_weights.safetensors) per resid layer: used instead of training (tasks/multilingual/saelens.py)
+        # sae_weights.safetensors) per resid layer: used instead of training (tasks/core/dictionaries/saelens.py)
         pretrained: str | None = None
 
     class Neurons(Section):

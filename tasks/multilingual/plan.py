@@ -12,6 +12,7 @@ import numpy as np
 from lensflow.tasks.core.actors import connect, map_remote
 from lensflow.tasks.core.config import Config, ConfigError, with_overrides
 from lensflow.tasks.core.devices import cluster_gpus
+from lensflow.tasks.core.dictionaries.saelens import export_sae, import_sae
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.prompts import load_prompts
@@ -27,7 +28,6 @@ from lensflow.tasks.multilingual.overlap import (
 )
 from lensflow.tasks.multilingual.parallel import load_parallel
 from lensflow.tasks.multilingual.sae import SAEJob, SparseAutoencoder, TrainSpec, sae_stage
-from lensflow.tasks.multilingual.saelens import export_sae, import_sae
 
 
 @dataclass(frozen=True)

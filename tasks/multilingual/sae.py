@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lensflow.tasks.core.dictionaries.autoencoder import SparseAutoencoder
+from lensflow.tasks.core.dictionaries.saelens import import_sae
 from lensflow.tasks.core.stages import Item, Stage, digest
 from lensflow.tasks.core.store import Activations
-from lensflow.tasks.multilingual.autoencoder import SparseAutoencoder
-from lensflow.tasks.multilingual.saelens import import_sae
 
 if TYPE_CHECKING:
     from lensflow.tasks.multilingual.config import MultilingualConf

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lensflow.tasks.core.config import ConfigError
-from lensflow.tasks.multilingual.autoencoder import SparseAutoencoder
+from lensflow.tasks.core.dictionaries.autoencoder import SparseAutoencoder
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
