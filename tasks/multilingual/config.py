@@ -41,6 +41,17 @@ class MultilingualConf(Section):
         calibration_prompts: int = Field(default=64, gt=0)
         batch_prompts: int = Field(default=16, gt=0)  # texts per actor call (neuron activations are large)
 
+    class Pages(Section):
+        """Feature pages (tasks/core/dictionaries/pages.py), bounded: per layer the features active in every
+        language and, per language, the ones active mostly on it, measured on the measured parallel paragraphs."""
+
+        enabled: bool = True
+        multilingual: int = Field(default=8, ge=0)  # features per layer with the highest lowest per-language rate
+        specific: int = Field(default=4, ge=0)  # per language and layer: rate on it minus its rate anywhere else
+        contexts: int = Field(default=8, gt=0)  # top activating texts per feature
+        tokens: int = Field(default=10, gt=0)  # promoted (and suppressed) output tokens per feature
+        min_density: float = Field(default=1e-4, ge=0, lt=1)  # rarer features are never chosen
+
     # the model this flow runs when the run config names none (model.name unset): Gemma 3 270M is multilingual, SmolLM2
     # (the default of every other flow) answers the seed's prompts in English only; an explicit model.name wins, and
     # null defers to model.name (plan.resolve_model)
@@ -56,6 +67,7 @@ class MultilingualConf(Section):
     seed: int = 0
     sae: SAE = SAE()
     neurons: Neurons = Neurons()
+    pages: Pages = Pages()
 
     @field_validator("languages")
     @classmethod
