@@ -47,7 +47,7 @@ def _sweep(args: argparse.Namespace) -> dict:
     else:
         raise ConfigError("lensflow sweep: give a FLOW with at least one --grid KEY=a,b,... or --file SWEEP.yaml")
     sweeps.validate_points(spec)
-    preflight(load_config(spec.config, spec.set), lambda c: None)
+    preflight(experiment(spec.flow).resolved(load_config(spec.config, spec.set)), lambda c: None)
     _one_line_errors()
     return sweep_flow(sweep=spec.model_dump())
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "run":
             exp = experiment(args.flow)
-            preflight(conf, exp.check_inputs)
+            preflight(exp.resolved(conf), exp.check_inputs)  # layer keys against the model the flow runs
             _one_line_errors()
             flow = exp.flow_function()
             result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))

@@ -76,7 +76,9 @@ class StoreConf(Section):
     dtype: Literal["float16", "float32"] = "float32"
     positions: Literal["last", "all"] = "last"
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)  # resid layers (0 = embeddings); None = all
-    sites: list[Literal["resid", "attn_head"]] = Field(default=["resid"], min_length=1)
+    # block sites (attn_head, mlp_in, mlp_out) at blocks numbered like `layers` (block l reads resid layer l; every
+    # block when layers is None): mlp_in + mlp_out are a transcoder's training pairs
+    sites: list[Literal["resid", "attn_head", "mlp_in", "mlp_out"]] = Field(default=["resid"], min_length=1)
     compression_level: int = Field(default=3, ge=0, le=9)
     # a local root that every Ray node mounts at the same path (NFS, ...): only then may a multi-node cluster use a
     # local root; an object store (s3://...) needs no flag. Not part of any stage key.

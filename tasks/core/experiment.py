@@ -51,9 +51,15 @@ class Experiment:
     config: type[Section] | None = None
     metric_sections: tuple[tuple[str, str], ...] = ()  # (metric name prefix, dashboard section), first match wins
     lens_grids: Mapping[str, str] = field(default_factory=dict)  # `lensflow lens --lens KIND` -> "module:function"
+    # the run config as its flow will run it, when the flow changes it (multilingual runs its own default model):
+    # preflight checks layer keys against that model's depth, not model.name's
+    resolve: Callable[[Config], Config] | None = None
 
     def __post_init__(self) -> None:
         metric_names.add_sections(self.metric_sections)
+
+    def resolved(self, conf: Config) -> Config:
+        return self.resolve(conf) if self.resolve is not None else conf
 
     def flow_function(self) -> Callable[..., Any]:
         return _entry(self.flow)

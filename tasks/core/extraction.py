@@ -35,10 +35,10 @@ def compute_chunk(lm: LM, job: ChunkJob) -> dict[str, np.ndarray]:
     enc = lm.encode(job.texts, max_tokens=spec.max_tokens)
     ids, mask, last = enc["input_ids"], enc["attention_mask"], enc["last"]
     pos = last if spec.positions == "last" else None
+    block_sites = [site for site in store.BLOCK_SITES if site in spec.sites]
     reads = [Read("resid", l, pos) for l in spec.layers] if "resid" in spec.sites else []
-    if "attn_head" in spec.sites:
-        reads += [Read("attn_head", b, pos) for b in spec.blocks]
-    deepest = max([*(spec.layers if "resid" in spec.sites else []), *(b + 1 for b in spec.blocks if "attn_head" in spec.sites)])
+    reads += [Read(site, b, pos) for site in block_sites for b in spec.blocks]
+    deepest = max([*(spec.layers if "resid" in spec.sites else []), *(b + 1 for b in spec.blocks if block_sites)])
     with trace(lm, reads=reads) as t:
         t.forward(input_ids=ids, attention_mask=mask, until=deepest)
     b, s = ids.shape
@@ -65,8 +65,8 @@ def compute_chunk(lm: LM, job: ChunkJob) -> dict[str, np.ndarray]:
     out = {"token_ids": token_ids.numpy(), "lengths": mask.sum(1).to(torch.int32).cpu().numpy()}
     if "resid" in spec.sites:
         out["resid"] = stack("resid", spec.layers)
-    if "attn_head" in spec.sites:
-        out["attn_head"] = stack("attn_head", spec.blocks)
+    for site in block_sites:
+        out[site] = stack(site, spec.blocks)
     return out
 
 

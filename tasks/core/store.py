@@ -4,6 +4,9 @@ Layout of a group (n prompts, T = data.max_tokens, L = stored resid layers, B = 
   resid      [n, L, d]            positions=last   chunks (chunk_size, 1, d): one layer of one chunk per object
              [n, T, L, d]         positions=all    (padding positions are zeros; see token_ids)
   attn_head  [n, B, H, Dh] / [n, T, B, H, Dh]      per-head attention outputs (optional site)
+  mlp_in     [n, B, d] / [n, T, B, d]              what each block's MLP reads, after its pre-MLP norm (optional)
+  mlp_out    [n, B, d] / [n, T, B, d]              what each block's MLP adds to the residual stream (optional):
+                                                   with mlp_in, a transcoder's training pairs, read like resid
   token_ids  [n, T] int32, -1 = padding;  lengths [n] int32;  text [n] str
   done       [n_chunks] uint8, one chunk each: a writer marks its chunk when every array of it is written
 attrs: model, weights_hash, store (the keyed settings), label, layers, blocks, positions, fingerprint, complete.
@@ -46,6 +49,20 @@ class StoreSpec:
         return slice(chunk * self.chunk_size, min(self.n, (chunk + 1) * self.chunk_size))
 
 
+BLOCK_SITES = ("attn_head", "mlp_in", "mlp_out")  # stored per block (0-based), beside resid's layers
+
+
+def site_inner(spec: StoreSpec, site: str) -> tuple[int, ...]:
+    """A site's shape after the token axes: its layer (resid) or block axis first, then the vector."""
+    if site == "resid":
+        return len(spec.layers), spec.d_model
+    if site == "attn_head":
+        return len(spec.blocks), spec.n_heads, spec.head_dim
+    if site in ("mlp_in", "mlp_out"):
+        return len(spec.blocks), spec.d_model
+    raise ValueError(f"unknown store site '{site}' (resid, {', '.join(BLOCK_SITES)})")
+
+
 def _shape(spec: StoreSpec, inner: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(shape, chunks): samples x [tokens] x layer x inner, one layer per chunk so per-layer reads stay cheap."""
     lead, lead_chunk = ((spec.n, spec.max_tokens), (spec.chunk_size, spec.max_tokens)) if spec.positions == "all" \
@@ -65,12 +82,9 @@ def create(url: str, spec: StoreSpec, texts: list[str]) -> zarr.Group:
         pass
     g = zarr.open_group(url, mode="w")
     codec = [BloscCodec(cname="zstd", clevel=spec.compression_level, shuffle="shuffle")]
-    if "resid" in spec.sites:
-        shape, chunks = _shape(spec, (len(spec.layers), spec.d_model))
-        g.create_array("resid", shape=shape, chunks=chunks, dtype=spec.dtype, compressors=codec, fill_value=0)
-    if "attn_head" in spec.sites:
-        shape, chunks = _shape(spec, (len(spec.blocks), spec.n_heads, spec.head_dim))
-        g.create_array("attn_head", shape=shape, chunks=chunks, dtype=spec.dtype, compressors=codec, fill_value=0)
+    for site in spec.sites:
+        shape, chunks = _shape(spec, site_inner(spec, site))
+        g.create_array(site, shape=shape, chunks=chunks, dtype=spec.dtype, compressors=codec, fill_value=0)
     g.create_array("token_ids", shape=(spec.n, spec.max_tokens), chunks=(spec.chunk_size, spec.max_tokens), dtype="int32",
                    compressors=codec, fill_value=-1)
     g.create_array("lengths", shape=(spec.n,), chunks=(spec.chunk_size,), dtype="int32", fill_value=0)
@@ -119,8 +133,13 @@ class Activations:
         return self.group["token_ids"].shape[0]
 
     @property
+    def sites(self) -> list[str]:
+        return [s for s in ("resid", *BLOCK_SITES) if s in self.group]
+
+    @property
     def d_model(self) -> int:
-        return self.group["resid"].shape[-1]
+        site = next(s for s in ("resid", "mlp_in", "mlp_out") if s in self.group)
+        return self.group[site].shape[-1]
 
     @property
     def resid(self) -> zarr.Array:
@@ -148,7 +167,8 @@ class Activations:
         return pool.index(layer)
 
     def layer(self, layer: int, rows: slice | np.ndarray | None = None, site: str = "resid") -> np.ndarray:
-        """float32 [rows, d] (positions=last) or [rows, T, d] (positions=all); heads add [H, Dh]."""
+        """float32 [rows, d] (positions=last) or [rows, T, d] (positions=all); heads add [H, Dh]. `layer` is a resid
+        layer for site resid, a block index for the block sites."""
         arr, i = self.group[site], self._index(layer, site)
         sel = slice(None) if rows is None else rows
         out = arr[sel, i] if self.positions == "last" else arr[sel, :, i]

@@ -11,11 +11,18 @@ def _check_inputs(conf) -> None:  # imported late: plan imports the core's actor
     check_inputs(conf)
 
 
+def _resolve(conf):
+    from lensflow.tasks.multilingual.plan import resolve_model
+
+    return resolve_model(conf)
+
+
 EXPERIMENT = Experiment(
     name="multilingual",
     flow="lensflow.flows.multilingual:multilingual_flow",
     headline=Headline("multilingual.overlap.gap", "max", "best"),
     check_inputs=_check_inputs,  # the parallel corpus and the general text
+    resolve=_resolve,  # multilingual.model (Gemma 3) unless model.name is set: preflight checks its depth
     section="multilingual",
     config=MultilingualConf,
     # headline: the translated-unrelated gap (SAE features and neurons), translated overlap per pair, SAE FVE, per

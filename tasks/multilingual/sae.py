@@ -57,10 +57,12 @@ def token_mask(token_ids: np.ndarray, skip_first: bool) -> np.ndarray:
     return mask
 
 
-def token_blocks(acts: Activations, layer: int, rows: slice, batch_rows: int, skip_first: bool) -> Iterator[np.ndarray]:
-    """Stream [tokens, d] float32 blocks of one layer: real tokens of each prompt in `rows`, padding dropped."""
+def token_blocks(acts: Activations, layer: int, rows: slice, batch_rows: int, skip_first: bool,
+                 site: str = "resid") -> Iterator[np.ndarray]:
+    """Stream [tokens, d] float32 blocks of one layer (a block for mlp_in / mlp_out): real tokens of each prompt in
+    `rows`, padding dropped."""
     start = rows.start or 0
-    for block in acts.iter_layer(layer, batch_rows, rows=rows):
+    for block in acts.iter_layer(layer, batch_rows, rows=rows, site=site):
         ids = acts.token_ids[start:start + block.shape[0]]
         yield block[token_mask(ids, skip_first)]
         start += block.shape[0]
