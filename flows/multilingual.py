@@ -3,7 +3,8 @@
 After Anthropic's "On the Biology of a Large Language Model" (2025): per-layer SAEs trained on general text plus
 paragraphs of every compared language that are never measured, then the Jaccard overlap of the feature sets active
 in a paragraph and in its translation, against unrelated paragraphs of the same language pair
-(tasks/multilingual/overlap.py); the same on raw MLP neurons (tasks/multilingual/neurons.py). Every stage is found again under store.root: a rerun computes
+(tasks/multilingual/overlap.py); the same on raw MLP neurons (tasks/multilingual/neurons.py); then feature pages of
+every layer's SAE (tasks/multilingual/features.py). Every stage is found again under store.root: a rerun computes
 nothing, and a killed run keeps every finished layer's SAE.
 """
 
@@ -17,12 +18,13 @@ from lensflow.flows import stage
 from lensflow.flows.extract import extract_activations
 from lensflow.tasks.core import tracking
 from lensflow.tasks.core.session import open_session
-from lensflow.tasks.multilingual import EXPERIMENT, neurons, plan
+from lensflow.tasks.multilingual import EXPERIMENT, features, neurons, plan
 from lensflow.tasks.multilingual.report import log_results
 from lensflow.tasks.registry import load_config
 
 neuron_overlaps = stage(neurons.neuron_overlaps)
 sae_layers = stage(plan.sae_layers)
+feature_pages = stage(features.build_pages)
 
 
 @flow(name=EXPERIMENT.name, log_prints=True)
@@ -49,9 +51,11 @@ def multilingual_flow(config: str = "conf/default.yaml", overrides: list[str] | 
         jobs = plan.sae_jobs(conf, s.info, general, sae_text, paragraphs, layers, inputs)
         results = sae_layers(conf, jobs)
         exported = plan.export_saelens(results, s.info)  # SAELens folders beside the stage items
-        # 3. metrics with step = layer (SAE: resid layer; neurons: MLP block, which writes into resid layer block + 1),
+        # 3. feature pages of every layer's SAE on the measured paragraphs (one model actor, only if any is missing)
+        pages = feature_pages(conf, plan.page_jobs(conf, results, paragraphs))
+        # 4. metrics with step = layer (SAE: resid layer; neurons: MLP block, which writes into resid layer block + 1),
         #    a child run per SAE this run trained
-        summary = log_results(s.run, s.info, stores, results, neuron, inputs, t0)
+        summary = log_results(s.run, s.info, stores, results, neuron, inputs, t0, pages)
     print(summary.text())
     if exported:
         print(f"SAEs in the SAELens layout: {next(iter(exported.values())).rsplit('/', 1)[0]}")

@@ -96,6 +96,13 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     assert all(len(c["loss"]) == STEPS for c in curves.values())
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/multilingual_overlap_sae.png", "plots/multilingual_overlap_neurons.png"} <= arts
+    # feature pages: the index and one page per chosen feature of every layer, at the layout graphs link to
+    pages = artifact_files(tracking_uri, run.info.run_id, "features")
+    assert "features/index.html" in pages and out["feature_pages"] > 0
+    assert {f"features/layer_{l:02d}" for l in LAYERS} <= set(pages)
+    per_layer = [artifact_files(tracking_uri, run.info.run_id, f"features/layer_{l:02d}") for l in LAYERS]
+    assert sum(len(p) for p in per_layer) == out["feature_pages"]
+    assert all(re.fullmatch(r"features/layer_\d\d/feature_\d{5}\.html", f) for p in per_layer for f in p)
 
     # the SAE logged to MLflow is the one published in the store
     child = run.data.tags["multilingual.sae.layer_02"]
@@ -160,7 +167,8 @@ def test_rerun_computes_nothing_and_a_new_k_retrains_only_the_saes(clean, settin
     assert other_k["neurons_gap"] == out["neurons_gap"]
     assert all(l0 <= 2 for l0 in other_k["l0"].values()) and other_k["l0"] != out["l0"]
     new = set(_items(root)) - set(before)
-    assert len(new) == 2 * len(LAYERS) and all(n.startswith(("multilingual/sae/", "multilingual/overlap/")) for n in new)
+    assert len(new) == 3 * len(LAYERS)  # per layer: the SAE, its overlaps, its feature pages
+    assert all(n.startswith(("multilingual/sae/", "multilingual/overlap/", "multilingual/pages/")) for n in new)
 
 
 def _published_saes(root: Path) -> set[str]:
@@ -205,7 +213,8 @@ def test_killed_run_resumes_per_layer_and_equals_a_clean_run(clean, settings, tm
         assert (root / n).stat().st_mtime_ns == t, f"finished SAE {n} was rewritten"
 
     resumed, reference = _items(root), _items(clean_root)
-    assert len(resumed) == 3 + 2 * len(LAYERS) and set(resumed) <= set(reference)  # thresholds, 2 sets, SAEs, overlaps
+    # thresholds, 2 sets, then per layer the SAE, its overlaps and its feature pages
+    assert len(resumed) == 3 + 3 * len(LAYERS) and set(resumed) <= set(reference)
     for name in resumed:
         got, want = _load(root, name), _load(clean_root, name)
         assert got.tensors.keys() == want.tensors.keys(), name

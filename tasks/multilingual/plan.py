@@ -17,6 +17,7 @@ from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.prompts import load_prompts
 from lensflow.tasks.core.stages import is_remote
+from lensflow.tasks.multilingual import features
 from lensflow.tasks.multilingual.config import MultilingualConf
 from lensflow.tasks.multilingual.overlap import (
     OverlapJob,
@@ -158,3 +159,12 @@ def sae_layers(conf: Config, jobs: list[OverlapJob]) -> list[SAELayerResult]:
     connect(conf.ray)
     gpus = 1.0 if cluster_gpus() >= 1 else 0.0
     return map_remote(sae_layer, jobs, "SAE per layer", conf.ray, num_gpus=gpus)
+
+
+def page_jobs(conf: Config, results: list[SAELayerResult], paragraphs: dict[str, Extraction]) -> list[features.PagesJob]:
+    """Feature pages of every SAE layer, read on the measured paragraphs; none when multilingual.pages.enabled is
+    off."""
+    if not conf.multilingual.pages.enabled or not results:
+        return []
+    return features.page_jobs(conf, results[0].sae_stage, {l: (ex.key, ex.url) for l, ex in paragraphs.items()},
+                              [r.layer for r in results])

@@ -3,11 +3,14 @@ and the run summary the CLI prints. Metric names are the README's."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lensflow.tasks.core import tracking
+from lensflow.tasks.core.dictionaries.pages import INDEX, LayerPages, write_site
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.plots import layer_curves
@@ -47,6 +50,7 @@ class Summary:
     chunks_computed: int  # activation-store chunks extracted by this run, over every store
     wall_s: float
     table: str
+    feature_pages: int = 0  # pages logged under features/ (every layer)
 
     @property
     def peak_layer(self) -> int:
@@ -64,8 +68,9 @@ class Summary:
 
         neurons = (f"; neurons block {npeak} ({self.neurons_gap[npeak]:+.3f}: {per_pair(self.neurons_peak_pairs)})"
                    if npeak is not None else "")
+        pages = f"\nfeature pages: {self.feature_pages} features, artifact {INDEX}" if self.feature_pages else ""
         return (self.table + f"largest translated-unrelated gap: SAE resid layer {peak} ({self.gap[peak]:+.3f}: "
-                f"{per_pair(self.peak_pairs)})" + neurons)
+                f"{per_pair(self.peak_pairs)})" + neurons + pages)
 
     def as_dict(self, run_id: str) -> dict:
         return {"run_id": run_id, "layers": self.layers, "paragraphs": self.paragraphs, "train_rows": self.train_rows,
@@ -75,7 +80,7 @@ class Summary:
                 "peak_gap_se": {p: v.gap_se for p, v in self.peak_pairs.items()},
                 "neurons_peak_gap_se": {p: v.gap_se for p, v in self.neurons_peak_pairs.items()},
                 "overlaps_measured": self.overlaps_measured, "neuron_stages_computed": self.neuron_stages_computed,
-                "chunks_computed": self.chunks_computed, "wall_s": self.wall_s}
+                "chunks_computed": self.chunks_computed, "wall_s": self.wall_s, "feature_pages": self.feature_pages}
 
 
 def log_overlaps(run: RunRef, prefix: str, per_layer: dict[int, LayerOverlap]) -> dict[int, float]:
@@ -125,8 +130,26 @@ def log_sae_training(run: RunRef, results: list[SAELayerResult], store: str) -> 
     return {r.layer: run.run_id for r in results}
 
 
+def log_feature_pages(run: RunRef, pages: list[LayerPages], model: str) -> int:
+    """The feature pages as artifacts (`features/index.html`, `features/layer_LL/feature_NNNNN.html`: the layout
+    attribution graphs link to) and, per layer (step = layer), how many features have a page of each kind and the
+    fraction never active on the measured paragraphs. Returns the number of pages."""
+    if not pages:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        write_site(pages, tmp, model)
+        run.client.log_artifacts(run.run_id, str(Path(tmp, "features")), "features")
+    for lp in pages:
+        kinds = [p.kind.split(":")[0] for p in lp.pages]
+        tracking.log_metrics(run, {"multilingual.pages.multilingual": kinds.count("multilingual"),
+                                   "multilingual.pages.specific": kinds.count("specific"),
+                                   "multilingual.pages.dead": lp.dead}, step=lp.layer)
+    return sum(len(lp.pages) for lp in pages)
+
+
 def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], results: list[SAELayerResult],
-                neurons: NeuronOverlaps | None, inputs: MultilingualInputs, t0: float) -> Summary:
+                neurons: NeuronOverlaps | None, inputs: MultilingualInputs, t0: float,
+                pages: list[LayerPages] | None = None) -> Summary:
     """Log every per-layer metric, the figures and the table; the summary counts what this run computed, over the
     stores ({label: extraction}) too. `t0` is the flow's start (perf_counter) for wall_s."""
     by_layer = {r.layer: r for r in results}
@@ -152,6 +175,7 @@ def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], res
                                           f"{info.name}: SAE quality"), "plots/multilingual_sae_fve.png")
     text = table(by_layer, gaps, ngaps)
     tracking.log_text(run, text, "multilingual.md")
+    n_pages = log_feature_pages(run, pages or [], info.name)
     peak = max(gaps, key=gaps.get)
     npeak = max(ngaps, key=ngaps.get) if ngaps else None
     summary = Summary(
@@ -161,7 +185,7 @@ def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], res
         neurons.blocks[npeak].pairs if npeak is not None else {},
         [l for l, r in by_layer.items() if r.trained], [l for l, r in by_layer.items() if r.measured],
         neurons.computed if neurons else 0, sum(ex.chunks_computed for ex in stores.values()), time.perf_counter() - t0,
-        text)
+        text, n_pages)
     tracking.log_metrics(run, {"multilingual.peak_layer": summary.peak_layer,
                                "multilingual.neurons.peak_block": summary.neurons_peak_block,
                                "multilingual.paragraphs": inputs.n_paragraphs,
