@@ -127,6 +127,39 @@ def _leave_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _feature(conf, flow: str, ref: str, run_id: str | None) -> str:
+    """`lensflow feature LAYER:ID`: the feature's page from a finished run (the newest of the flow and model unless
+    --run-id), downloaded with the rest of its pages so the links work; its path, then the page as text."""
+    import re
+
+    import mlflow
+
+    from lensflow.tasks.core import tracking
+    from lensflow.tasks.core.dictionaries.pages import DATA, ROOT, find_page, from_dict, page_path, terminal_text
+
+    m = re.fullmatch(r"[Ll]?(\d+):(\d+)", ref.strip())
+    if not m:
+        raise ConfigError(f"lensflow feature: '{ref}' is not LAYER:ID (e.g. 3:42)")
+    layer, feature = int(m.group(1)), int(m.group(2))
+    tc = conf.tracking
+    run_id = run_id or tracking.latest_run(tc.uri, tc.experiment, flow, conf.model.name)
+    if run_id is None:
+        raise ConfigError(f"lensflow feature: no finished '{flow}' run of {conf.model.name} in experiment "
+                          f"'{tc.experiment}' (tracking.uri); give --run-id")
+    try:
+        layers = [from_dict(d) for d in tracking.load_json(tc.uri, run_id, DATA)]
+    except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing artifact or run
+        raise ConfigError(f"lensflow feature: run {run_id} has no {DATA} (a run with feature pages?)") from None
+    page = find_page(layers, layer, feature)
+    if page is None:
+        have = ", ".join(f"{lp.layer}:{lp.pages[0].feature}.." for lp in layers if lp.pages)
+        raise ConfigError(f"lensflow feature: {layer}:{feature} has no page in run {run_id} (pages per layer: {have}; "
+                          f"see {ROOT}/index.html)")
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ROOT,
+                                                 tracking_uri=tracking.local_uri(tc.uri))
+    return f"{os.path.join(os.path.dirname(folder.rstrip('/')), page_path(layer, feature))}\n{terminal_text(page)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lensflow", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -145,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--run-id", default=None, help="MLflow run holding the trained soft prompts / tuned lens "
                                                      "(default: the latest finished run of the matching flow)")
     common(lens)
+    feature = sub.add_parser("feature", help="a dictionary feature's page (path, then its top contexts as text)")
+    feature.add_argument("ref", metavar="LAYER:ID", help="a resid layer and a feature id, e.g. 3:42")
+    feature.add_argument("--flow", choices=sorted(EXPERIMENTS), default="multilingual")
+    feature.add_argument("--run-id", default=None, help="MLflow run with feature pages (default: the latest finished "
+                                                        "run of the flow and model)")
+    common(feature)
     sweep = sub.add_parser("sweep", help="run a flow over a grid of config values, one nested MLflow run per point")
     sweep.add_argument("flow", nargs="?", choices=sorted(EXPERIMENTS))
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=a,b,c",
@@ -172,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             flow = exp.flow_function()
             result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))
             print(json.dumps(redact_tree(result), indent=2, default=str))
+            return 0
+        if args.cmd == "feature":
+            print(_feature(experiment(args.flow).resolved(conf), args.flow, args.ref, args.run_id))
             return 0
         out = LENS_GRIDS[args.lens].grid_renderer(args.lens)(conf, args.prompt, args.lens, run_id=args.run_id)
         for kind, path in out.items():

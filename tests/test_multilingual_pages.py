@@ -162,3 +162,33 @@ def test_site_layout_links_and_marks_the_peak(built):
         assert text.count('class="tok peak"') == len(page.contexts)
         assert "Language profile" in text and "../index.html" in text
     assert page_path(5, 42) == "features/layer_05/feature_00042.html"
+
+
+def test_pages_logged_to_mlflow_open_with_lensflow_feature(built, tracking_uri, capsys):
+    """The report's artifacts, read back by `lensflow feature LAYER:ID` (the newest finished run of the model)."""
+    from mlflow.tracking import MlflowClient
+
+    from lensflow.flows.cli import main
+    from lensflow.tasks.core.tracking import RunRef, artifact_files, experiment_id, local_uri
+    from lensflow.tasks.multilingual.report import log_feature_pages
+
+    _, _, pages, _ = built
+    client = MlflowClient(local_uri(tracking_uri))
+    exp = experiment_id(tracking_uri, "pages-test")
+    run = client.create_run(exp, tags={"flow": "multilingual", "model.name": "tiny-llama"})
+    assert log_feature_pages(RunRef(tracking_uri, exp, run.info.run_id), [pages], "tiny-llama") == len(pages.pages)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    logged = artifact_files(tracking_uri, run.info.run_id, f"features/layer_{LAYER:02d}")
+    assert sorted(logged) == sorted(page_path(LAYER, p.feature) for p in pages.pages)
+
+    page = pages.pages[0]
+    args = ["--set", f"tracking.uri={tracking_uri}", "--set", "tracking.experiment=pages-test",
+            "--set", "model.name=tiny-llama"]
+    assert main(["feature", f"{LAYER}:{page.feature}", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(page_path(LAYER, page.feature)) and open(out[0]).read().startswith("<!doctype html>")
+    c = page.contexts[0]
+    assert f"{c.source} {c.row}:{c.position}" in "\n".join(out) and f"[[{c.tokens[c.peak]}]]" in "\n".join(out)
+    missing = next(f for f in range(pages.width) if f not in {p.feature for p in pages.pages})
+    assert main(["feature", f"{LAYER}:{missing}", *args]) == 2
+    assert "has no page" in capsys.readouterr().err

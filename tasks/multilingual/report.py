@@ -3,14 +3,15 @@ and the run summary the CLI prints. Metric names are the README's."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lensflow.tasks.core import tracking
-from lensflow.tasks.core.dictionaries.pages import INDEX, LayerPages, write_site
+from lensflow.tasks.core.dictionaries.pages import DATA, INDEX, LayerPages, write_site
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.plots import layer_curves
@@ -132,12 +133,14 @@ def log_sae_training(run: RunRef, results: list[SAELayerResult], store: str) -> 
 
 def log_feature_pages(run: RunRef, pages: list[LayerPages], model: str) -> int:
     """The feature pages as artifacts (`features/index.html`, `features/layer_LL/feature_NNNNN.html`: the layout
-    attribution graphs link to) and, per layer (step = layer), how many features have a page of each kind and the
-    fraction never active on the measured paragraphs. Returns the number of pages."""
+    attribution graphs link to; their data as `features/pages.json`, what `lensflow feature` reads) and, per layer
+    (step = layer), how many features have a page of each kind and the fraction never active on the measured
+    paragraphs. Returns the number of pages."""
     if not pages:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         write_site(pages, tmp, model)
+        Path(tmp, DATA).write_text(json.dumps([asdict(lp) for lp in pages]), encoding="utf-8")
         run.client.log_artifacts(run.run_id, str(Path(tmp, "features")), "features")
     for lp in pages:
         kinds = [p.kind.split(":")[0] for p in lp.pages]

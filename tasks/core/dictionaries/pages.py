@@ -370,3 +370,25 @@ def write_site(layers: list[LayerPages], folder: str | Path, model: str) -> list
     index.parent.mkdir(parents=True, exist_ok=True)
     index.write_text(render_index(layers, model), encoding="utf-8")
     return [index, *written]
+
+
+DATA = f"{ROOT}/pages.json"  # every layer's page data (dataclasses.asdict of each LayerPages), beside the HTML
+
+
+def find_page(layers: list[LayerPages], layer: int, feature: int) -> FeaturePage | None:
+    return next((p for lp in layers if lp.layer == layer for p in lp.pages if p.feature == feature), None)
+
+
+def terminal_text(page: FeaturePage, contexts: int = 5) -> str:
+    """A page for the terminal: density, language profile, output tokens, the top contexts with the peak in [[ ]]."""
+    def ctx(c: Context) -> str:
+        toks = [f"[[{t}]]" if i == c.peak else t for i, t in enumerate(c.tokens)]
+        return "".join(toks).replace("\n", "\u21b5")
+
+    profile = ", ".join(f"{k} {v.firing_rate:.4f}" for k, v in page.profile.items())
+    lines = [f"layer {page.layer} feature {page.feature} ({page.kind}): active on {page.density:.4%} of tokens",
+             f"firing rate per language: {profile}",
+             "promotes: " + " ".join(repr(t) for t, _ in page.top_tokens),
+             "suppresses: " + " ".join(repr(t) for t, _ in page.bottom_tokens),
+             *[f"  {c.value:7.3f} {c.source} {c.row}:{c.position}  {ctx(c)}" for c in page.contexts[:contexts]]]
+    return "\n".join(lines)
