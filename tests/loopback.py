@@ -61,8 +61,14 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1 with its own database and proxied artifact folder; stop() and start() keep
     both."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.port, self.proc = folder, free_port(), None
+    def __init__(self, folder: Path, password: str | None = None):
+        """password: MLflow's basic-auth app with that admin password (user `admin`); clients then need
+        MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (`auth_env`)."""
+        self.folder, self.port, self.proc, self.password = folder, free_port(), None, password
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.password or ""}
 
     @property
     def url(self) -> str:
@@ -71,8 +77,17 @@ class MlflowServer:
     def start(self) -> None:
         log = (self.folder / "server.log").open("a")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        auth: list[str] = []
+        if self.password is not None:
+            ini = self.folder / "basic_auth.ini"
+            ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.folder / 'auth.db'}\n"
+                           "admin_username = admin\nauthorization_function = "
+                           "mlflow.server.auth:authenticate_request_basic_auth\n")
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.password,
+                       MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+            auth = ["--app-name", "basic-auth"]
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *auth,
              "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--artifacts-destination", str(self.folder / "artifacts")], stdout=log, stderr=log, env=env)
         wait_until(lambda: self.proc.poll() is not None or answers(self.url + "/health"), 180, "mlflow server")

@@ -1,6 +1,7 @@
 """Flows on a real two-node Ray cluster on this machine (tests/twonode.py): an S3 server as store.root and
-`mlflow server` with proxied artifacts as tracking.uri; the second node cannot see the driver's files. Results
-equal a local run's; losing the second node mid-run completes; nothing waits forever."""
+`mlflow server` with basic authentication and proxied artifacts as tracking.uri; the second node cannot see the
+driver's files and has no credentials of its own (the driver holds them). Results equal a local run's; losing the
+second node mid-run completes; nothing waits forever; no secret shows in the job table."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import zarr
@@ -34,6 +36,7 @@ EXTRACT = [*TINY, "data.max_prompts=24", "store.chunk_size=4"]
 LENS = [*TINY, "store.chunk_size=4", "lenses.max_prompts=12", "lenses.heldout=0.25", "lenses.epochs=2",
         "lenses.batch_tokens=32"]
 CONF = str(CONF_DIR / "default.yaml")  # the driver works in a temporary folder
+MLFLOW_PASSWORD = "pw-" + os.urandom(8).hex()  # a value no job table, log or run may show
 LOSS_PROMPTS, LOSS_CHUNK = 96, 2  # the node-loss run: 48 chunks, long enough to kill a node in the middle
 
 
@@ -119,8 +122,8 @@ def cluster(request, tmp_path_factory):
     folder = Path(tempfile.mkdtemp(prefix="lensflow-cluster-"))
     base = tmp_path_factory.getbasetemp()
     driver = tmp_path_factory.mktemp("driver")
-    s3, mlflow = S3Server(folder), MlflowServer(folder)
-    nodes = TwoNodeCluster(folder, hidden=[base, Path.home()], env=s3.env)
+    s3, mlflow = S3Server(folder), MlflowServer(folder, password=MLFLOW_PASSWORD)
+    nodes = TwoNodeCluster(folder, hidden=[base, Path.home()], env={})  # credentials: the driver's alone
     cwd = os.getcwd()
     with pytest.MonkeyPatch.context() as mp:
         try:
@@ -132,7 +135,7 @@ def cluster(request, tmp_path_factory):
                 ray.shutdown()
             os.chdir(driver)
             local = _local_runs(driver / "store", f"sqlite:///{driver / 'mlflow.db'}")
-            for k, v in {**s3.env, **nodes.env}.items():
+            for k, v in {**s3.env, **mlflow.auth_env, **nodes.env}.items():
                 mp.setenv(k, v)
             s3.wait()
             nodes.wait()
@@ -157,7 +160,9 @@ def test_extract_on_two_nodes_equals_local(cluster, caplog):
     from lensflow.flows.extract import extract_flow
 
     out = extract_flow(CONF, [*EXTRACT, *cluster.sets("extract")])
-    assert "(2 node(s) in use)" in caplog.text  # the pool's line in the flow run's log
+    # the pool's line in the flow run's log (on a loaded machine the run can finish before the second node's actor
+    # is up: test_credentials_reach_workers_but_never_the_job_table makes both nodes write and log)
+    assert "model actor" in caplog.text and "up on node" in caplog.text
     assert out["store"].startswith(f"s3://{cluster.s3.bucket}/extract/activations/")
     assert out["chunks_computed"] == 6
     acts, local = store.Activations(out["store"]), store.Activations(cluster.local["extract"]["store"])
@@ -187,6 +192,88 @@ def test_logit_lens_on_two_nodes_equals_local(cluster):
     arts = {a.path for a in client.list_artifacts(out["run_id"], "tuned_lens")}
     assert "tuned_lens/translators.safetensors" in arts
     assert list((cluster.mlflow.folder / "artifacts").rglob("translators.safetensors"))  # proxied by the server
+
+
+SEEN = """
+import hashlib, os, sys
+import ray
+from lensflow.tasks.core.actors import connect, map_remote
+from lensflow.tasks.core.config import RayConf
+
+def seen(_):  # what a Ray task on the cluster finds in its environment (a hash, never the value)
+    return hashlib.sha256(os.environ.get("MLFLOW_TRACKING_PASSWORD", "").encode()).hexdigest()
+
+# secret names listed in ray.env_vars, as the README used to advise: they must not reach the runtime_env
+conf = RayConf(address=sys.argv[1], env_vars=["TOKENIZERS_PARALLELISM", "MLFLOW_TRACKING_PASSWORD",
+                                               "AWS_SECRET_ACCESS_KEY"])
+print(set(map_remote(seen, list(range(4)), "seen", conf)))
+print(ray.get_runtime_context().get_job_id())
+"""
+
+
+def write_and_log(lm, job: tuple) -> str:
+    """An item that needs both credentials: an object in the store, a run on the tracking server."""
+    import fsspec
+    from mlflow.tracking import MlflowClient
+
+    root, uri, experiment_id, i = job
+    node = ray.get_runtime_context().get_node_id()
+    with fsspec.open(f"{root}/probe/{i}.txt", "w") as f:
+        f.write(node)
+    client = MlflowClient(uri)
+    client.set_terminated(client.create_run(experiment_id, tags={"node": node}).info.run_id)
+    return node
+
+
+@ray.remote(num_cpus=0, resources={"node2": 0.01}, runtime_env={"env_vars": {"LENSFLOW_FRESH_WORKER": "1"}})
+def node2_environment(names: list[str]) -> list[str]:
+    """Which of `names` a fresh worker on the second node has before lensflow sets anything (the runtime_env above
+    forces a new worker: one that ran lensflow tasks has had the driver's credentials applied)."""
+    return [n for n in names if n in os.environ]
+
+
+def test_credentials_reach_workers_but_never_the_job_table(cluster):
+    """The second node has no credential (its raylet's environment, a fresh worker's); a driver started with a
+    credentialed tracking URI on its command line and secret names in ray.env_vars gets them to its Ray tasks, and
+    the GCS job table (what the dashboard and the Jobs API show) holds neither the password nor the S3 secret."""
+    import hashlib
+
+    secrets = [MLFLOW_PASSWORD, cluster.s3.secret]
+    names = ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
+             "MLFLOW_TRACKING_PASSWORD"]
+    raylet_env = psutil.Process(cluster.nodes.node2.raylet_pid()).environ()
+    assert not [n for n in names if n in raylet_env]
+    conf = load_config(None, [*TINY, *cluster.sets("creds")])
+    with ModelPool(conf) as pool:
+        assert ray.get(node2_environment.remote(names), timeout=60) == []
+        assert len(nodes_in_use(pool, time.monotonic() + 60)) == 2
+        # both nodes' actors write to the S3 store and log to the MLflow server with the driver's credentials
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = MlflowClient(cluster.mlflow.url).create_experiment("credentials")
+        jobs = [(conf.store.root, conf.tracking.uri, experiment_id, i) for i in range(8)]
+        done = pool.map(write_and_log, jobs, desc="creds")
+    assert len(set(done)) == 2
+    runs = MlflowClient(cluster.mlflow.url).search_runs([experiment_id])
+    assert sorted(r.data.tags["node"] for r in runs) == sorted(done)
+    argv = [sys.executable, "-c", SEEN, cluster.nodes.address, "--set",
+            f"tracking.uri=http://admin:{MLFLOW_PASSWORD}@127.0.0.1:{cluster.mlflow.port}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=Path.cwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hashes, job_id = proc.stdout.strip().splitlines()[-2:]
+    assert hashes == str({hashlib.sha256(MLFLOW_PASSWORD.encode()).hexdigest()})  # every task got the password
+    jobs = {j.job_id.hex(): j for j in ray._private.worker.global_worker.gcs_client.get_all_job_info().values()}
+    job = jobs[job_id]
+    assert f"admin:***@127.0.0.1:{cluster.mlflow.port}" in job.entrypoint  # the command line, redacted
+    runtime_env = job.config.runtime_env_info.serialized_runtime_env
+    assert "TOKENIZERS_PARALLELISM" in runtime_env or "TOKENIZERS_PARALLELISM" not in os.environ
+    for j in jobs.values():  # this test process's job too, and every earlier one
+        shown = str(j)
+        assert not [s for s in secrets if s in shown], j.entrypoint
+        assert "MLFLOW_TRACKING_PASSWORD" not in j.config.runtime_env_info.serialized_runtime_env
+    logs = "".join(p.read_text(errors="replace") for p in cluster.nodes.folder.rglob("*")
+                   if p.is_file() and p.suffix in (".log", ".out", ".err") and p.stat().st_size < 50_000_000)
+    assert not [s for s in secrets if s in logs]  # Ray's own logs and the servers' logs
 
 
 def test_node_loss_mid_extraction_completes_and_node_is_used_again(cluster):
@@ -258,6 +345,46 @@ def test_node_loss_during_per_layer_tasks_reruns_them(cluster):
     cluster.nodes.restart_node2()  # the tests after this one expect two nodes, the lost one gone
     wait_until(lambda: {x["NodeID"] for x in ray.nodes() if x["Alive"]} - {head, lost[0][1]}, 60, "a new node2")
     wait_for_nodes(ray, 2)
+
+
+def test_auto_actors_go_on_with_fewer_after_a_node_is_lost_for_good_then_grow(cluster):
+    """ray.actors=auto takes the free room (one actor per node here); the second node is stopped mid-extraction and
+    nothing replaces it while the run goes on (max_restarts=0: its actor is gone for good), so the run finishes
+    with one actor, equal to a clean run; a node that joins later gets a new actor."""
+    from lensflow.tasks.core.actors import connect
+
+    conf = load_config(None, [*TINY, *cluster.sets("elastic"), "ray.actors=auto", "ray.max_actors=4",
+                              "ray.max_restarts=0", f"data.max_prompts={LOSS_PROMPTS}", f"store.chunk_size={LOSS_CHUNK}"])
+    connect(conf.ray)
+    wait_for_nodes(ray, 2)
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= 2, 30, "the earlier tests' actors to be gone")
+    texts = builtin_texts(LOSS_PROMPTS)
+    result: dict = {}
+    with ModelPool(conf) as pool:
+        assert pool.size == 2  # the free room: 1 CPU on each node
+        assert len(nodes_in_use(pool, time.monotonic() + 30)) == 2
+        stage, _ = extraction.plan(conf, texts, pool.describe(), "loss")
+        worker = threading.Thread(target=lambda: result.update(ex=extraction.extract(conf, texts, pool, label="loss")))
+        worker.start()
+        wait_until(lambda: not worker.is_alive() or _done(stage.url) >= 6, 60, "6 chunks")
+        cluster.nodes.node2.stop()  # for good: no node comes back while the run goes on
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the extraction hung after the node was lost"
+        assert _done(stage.url) == LOSS_PROMPTS // LOSS_CHUNK and result["ex"].chunks_computed >= 1
+        acts, clean = store.Activations(result["ex"].url), store.Activations(cluster.local["loss_store"])
+        for name in ("resid", "token_ids", "lengths"):
+            np.testing.assert_array_equal(acts.group[name][:], clean.group[name][:])
+        assert len(set(pool.nodes.values())) == 1  # finished with fewer actors
+        cluster.nodes.restart_node2()  # a node joins: the pool grows onto it
+        wait_for_nodes(ray, 2)
+        assert len(nodes_in_use(pool, time.monotonic() + 90)) == 2 and pool.size == 3
+
+
+def _done(url: str) -> int:
+    try:
+        return int(zarr.open_group(url, mode="r")["done"][:].sum())
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return 0
 
 
 def test_infeasible_requests_fail_in_seconds(cluster):

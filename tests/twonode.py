@@ -21,6 +21,8 @@ from pathlib import Path
 import psutil
 from loopback import BIN, answers, free_port, kill_tree, wait_until
 
+from lensflow.tasks.core import credentials
+
 NODE2 = "node2"  # the second node's custom resource
 
 # `ray start`, except that --node-ip-address=127.0.0.1 is kept: the CLI replaces a loopback address by the
@@ -55,6 +57,7 @@ class S3Server:
 
     def __init__(self, folder: Path, bucket: str = "lensflow"):
         self.port, self.bucket = free_port(), bucket
+        self.secret = "s3-" + secrets.token_hex(8)  # moto takes any key; a distinct one shows where it leaks
         self.log = folder / "moto.log"
         self.proc: subprocess.Popen | None = None
 
@@ -64,7 +67,7 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": self.secret,
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
     def start(self) -> None:
@@ -75,7 +78,7 @@ class S3Server:
         wait_until(lambda: answers(self.url), 60, "moto_server")
         import s3fs
 
-        s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": self.url}).mkdir(self.bucket)
+        s3fs.S3FileSystem(key="test", secret=self.secret, client_kwargs={"endpoint_url": self.url}).mkdir(self.bucket)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -114,13 +117,16 @@ class TwoNodeCluster:
     """Head (1 CPU) + second node (1 CPU, {"node2": 1}, its own mount namespace) on 127.0.0.1.
 
     `hidden` are the folders the second node must not see (the driver's working directory, HOME, the test's
-    temporary folders); `env` goes to every node (credentials for the object store, as on a real cluster)."""
+    temporary folders); `env` goes to every node (none: the driver holds the store's and tracking server's
+    credentials, as a RayJob's driver holds a mounted Secret). Nothing secret is inherited from this process."""
 
     def __init__(self, folder: Path, hidden: list[Path], env: dict[str, str]):
         self.folder, self.hidden = folder, hidden
         self.port = free_port()
         self.token = driver_token()
-        common = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+        # no node inherits a credential from the test's own environment: only `env` (and the driver) hold them
+        inherited = {k: v for k, v in os.environ.items() if not credentials.is_secret(k)}
+        common = {**inherited, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                   "RAY_USAGE_STATS_ENABLED": "0",
                   # a lost node is declared dead in ~3 s instead of ~15 s (the GCS checks each node every second)
                   "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",

@@ -9,6 +9,7 @@ Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from ray.exceptions import (
     RayActorError,
 )
 
+from lensflow.tasks.core import credentials
 from lensflow.tasks.core.config import Config, ConfigError, ModelConf, RayConf
 from lensflow.tasks.core.models import ModelInfo, describe
 from lensflow.tasks.core.progress import progress
@@ -39,16 +41,26 @@ def connect(conf: RayConf) -> None:
     hangs when that cluster is gone)."""
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in conf.env_vars if k in os.environ}  # an explicit list: no token by accident
+    # an explicit list, secrets left out: the runtime_env is shown by the dashboard and the Jobs API; credentials
+    # travel in the object store instead (credentials.py, `shipped_credentials`)
+    plain, _ = credentials.split_env_vars(conf.env_vars)
+    env = {k: os.environ[k] for k in plain if k in os.environ}
     on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if conf.address:
-        check_answers(conf)  # ray.init retries a silent address for minutes
-        ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        loopback_only()
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    with credentials.redacted_entrypoint():
+        if conf.address:
+            check_answers(conf)  # ray.init retries a silent address for minutes
+            ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        else:
+            loopback_only()
+            ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own (sys.exit): the caller's choice stands
+
+
+def shipped_credentials(conf: RayConf) -> ray.ObjectRef:
+    """The driver's credentials as one object: passed as a top-level argument, Ray hands each actor or task the
+    value (credentials.Bundle), which it applies before any work."""
+    return ray.put(credentials.collect(conf.env_vars))
 
 
 def check_answers(conf: RayConf) -> None:
@@ -103,6 +115,28 @@ def describe_nodes(nodes: list[dict]) -> str:
     return f"{len(nodes)} node(s): {have or 'none live'}"
 
 
+def free_actors(conf: RayConf, gpus: float) -> int:
+    """How many more actors of conf's size fit in what the cluster has free now: per node by its totals, capped by
+    the cluster's free CPUs and GPUs (Ray's public API gives free resources for the whole cluster only, so a
+    fragmented cluster can be over-counted; an actor that does not fit waits, and the pool never waits for it)."""
+    free = ray.available_resources()
+    by_free = int(free.get("CPU", 0) // conf.cpus_per_actor)
+    if gpus:
+        by_free = min(by_free, int(free.get("GPU", 0) // gpus))
+    return min(placed_actors(conf, gpus, live_nodes()), by_free)
+
+
+def auto_size(conf: RayConf, gpus: float) -> int:
+    """ray.actors=auto: the free room, within ray.min_actors..ray.max_actors; fewer than the minimum is refused."""
+    room = free_actors(conf, gpus)
+    if room < conf.min_actors:
+        raise ConfigError(f"ray.actors=auto with ray.min_actors={conf.min_actors}: the cluster has room for {room} now "
+                          f"(ray.cpus_per_actor={conf.cpus_per_actor:g}, {gpus:g} GPU each; free "
+                          f"{ray.available_resources().get('CPU', 0):g} CPU/{ray.available_resources().get('GPU', 0):g} "
+                          f"GPU of {describe_nodes(live_nodes())})")
+    return min(room, conf.max_actors)
+
+
 def check_placement(conf: RayConf, gpus: float, actors: int) -> None:
     """Ray waits forever, silently, for an actor no node can hold: refuse in one line before any model loads."""
     nodes = live_nodes()
@@ -145,9 +179,10 @@ def _to_cpu(x: Any) -> Any:
 class ModelActor:
     """Holds one model; `call` runs a module-level function fn(lm, item) next to it."""
 
-    def __init__(self, model: dict, torch_threads: int | None):
+    def __init__(self, model: dict, torch_threads: int | None, creds: credentials.Bundle | None = None):
         from lensflow.tasks.core.models import load_model
 
+        credentials.apply(creds)  # before the load: a Hub token, a weights cache in the store
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.lm = load_model(ModelConf(**model))
@@ -165,25 +200,35 @@ class ModelActor:
 
 LOST = (RayActorError, ObjectLostError)  # the actor (or the node holding its result) is gone: the item is redone
 RETRY_PROBE_S = 1.0  # how soon an actor that was unavailable is asked again whether it is back
+GROW_EVERY_S = 5.0  # how often an elastic pool (ray.actors=auto) looks for free room
 
 
 class ModelPool:
-    """ray.actors model actors, GPU each when the cluster has GPUs; use as a context manager.
+    """ray.actors model actors, GPU each when the cluster has GPUs; use as a context manager. With ray.actors=auto
+    the pool starts with the free room and grows while it works (`_grow`); an actor lost for good just leaves it.
 
     Each actor is probed (`node`) until it answers: only actors that answered get work, so an actor Ray cannot
     place (or restart) never holds items, and one that comes back after a restart is used again."""
 
     def __init__(self, conf: Config, size: int | None = None):
         connect(conf.ray)
-        rc = conf.ray
-        gpus = _gpus(rc)
-        check_placement(rc, gpus, size or rc.actors)
+        rc = self.conf = conf.ray
+        self.gpus = _gpus(rc)
+        self.elastic = size is None and rc.actors == "auto"
+        if self.elastic:
+            size = auto_size(rc, self.gpus)
+            self._ask_autoscaler(rc.max_actors)
+        else:
+            size = size or int(rc.actors)
+            check_placement(rc, self.gpus, size)
         check_store_shared(conf)
         threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
-        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=0)
-        model = conf.model.model_dump()
+        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=self.gpus, max_restarts=rc.max_restarts, max_task_retries=0)
+        self._new_actor = functools.partial(ModelActor.options(**opts).remote, conf.model.model_dump(), threads,
+                                            shipped_credentials(rc))
         self.timeout_s, self.max_restarts = rc.timeout_s, rc.max_restarts
-        self.actors = [ModelActor.options(**opts).remote(model, threads) for _ in range(size or rc.actors)]
+        self.actors = [self._new_actor() for _ in range(size)]
+        self._grown_at = time.monotonic()
         self.nodes: dict[int, str] = {}  # live actor -> its node id
         self._probes: dict[ray.ObjectRef, int] = {}
         self._retry_at: dict[int, float] = {}
@@ -201,6 +246,25 @@ class ModelPool:
         if self._info is None:
             self._info = self.map(describe, [None], desc="describe model")[0]
         return self._info
+
+    def _ask_autoscaler(self, actors: int) -> None:
+        """GPU actors up to ray.max_actors: the cluster's autoscaler (ray up, KubeRay in-tree) adds nodes for them,
+        and `_grow` starts actors there. A standing request of this driver's, withdrawn on close."""
+        if self.gpus:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"CPU": self.conf.cpus_per_actor, "GPU": self.gpus}] * actors)
+
+    def _grow(self) -> None:
+        """ray.actors=auto: once every actor is up, new actors for the room that nodes joining (the autoscaler's,
+        a replaced spot node) or other runs finishing have freed, up to ray.max_actors."""
+        if (not self.elastic or time.monotonic() - self._grown_at < GROW_EVERY_S or len(self.nodes) < self.size
+                or self.size >= self.conf.max_actors):
+            return
+        self._grown_at = time.monotonic()
+        for _ in range(min(free_actors(self.conf, self.gpus), self.conf.max_actors - self.size)):
+            self.actors.append(self._new_actor())
+            self._probe(self.size - 1)
 
     def _probe(self, a: int) -> None:
         self._probes[self.actors[a].node.remote()] = a
@@ -236,6 +300,7 @@ class ModelPool:
         with progress(len(items), desc or getattr(fn, "__name__", "work")) as bar:
             while todo or pending:
                 self._reprobe()
+                self._grow()
                 self._submit(fn, items, todo, pending, in_flight)
                 if not pending and not self._probes and not self._retry_at:
                     cause = [l for l in str(self._death).splitlines() if l.strip()][-1:] or ["unknown"]
@@ -245,7 +310,8 @@ class ModelPool:
                 left = max(0.0, progressed + self.timeout_s - time.monotonic())
                 waiting = [*pending, *self._probes]
                 if waiting:
-                    wait_s = min(left, RETRY_PROBE_S) if self._retry_at else left
+                    wait_s = min(left, RETRY_PROBE_S) if self._retry_at else min(left, GROW_EVERY_S) if \
+                        self.elastic else left
                     done, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
                 else:  # every actor is restarting: only re-asking is left
                     done = []
@@ -294,6 +360,8 @@ class ModelPool:
                 load[a] += 1
 
     def close(self) -> None:
+        if self.elastic:
+            self._ask_autoscaler(0)
         for a in self.actors:
             ray.kill(a)
         self.actors, self.nodes, self._probes, self._retry_at = [], {}, {}, {}
@@ -305,9 +373,11 @@ class ModelPool:
         self.close()
 
 
-def _releasing_gpu_memory(fn: Callable[[Any], T], item: Any) -> T:
-    """fn(item), then the worker's cached GPU blocks back to the device: the worker lives on for the next task, and
-    tasks sharing a GPU (fractional num_gpus) must not hold each other's memory."""
+def _releasing_gpu_memory(fn: Callable[[Any], T], item: Any, creds: credentials.Bundle | None = None) -> T:
+    """fn(item) with the driver's credentials in the environment, then the worker's cached GPU blocks back to the
+    device: the worker lives on for the next task, and tasks sharing a GPU (fractional num_gpus) must not hold each
+    other's memory."""
+    credentials.apply(creds)
     try:
         return fn(item)
     finally:
@@ -325,7 +395,8 @@ def map_remote(fn: Callable[..., T], items: Sequence[Any], desc: str, conf: RayC
     # start, the imports and a CUDA context per task: 20 of the 23 s of a SmolLM2 tuned-lens layer on an H100
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=conf.max_restarts, max_calls=0)(
         _releasing_gpu_memory)
-    refs = [remote.remote(fn, item) for item in items]
+    creds = shipped_credentials(conf)
+    refs = [remote.remote(fn, item, creds) for item in items]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     waiting = list(refs)

@@ -120,7 +120,14 @@ class TrackingConf(Section):
 
 class RayConf(Section):
     address: str = ""  # "" = a private local Ray; "auto", ray://head:10001 (client) or head:6379 (GCS) = join
-    actors: int = Field(default=2, gt=0)  # the 2-core demo machine: one actor per core
+    actors: int | Literal["auto"] = 2  # the 2-core demo machine: one actor per core
+    # actors=auto: as many as the cluster's free GPUs (CPUs where it has none) hold, within these bounds; the pool
+    # grows when nodes join and goes on with fewer when a node is lost for good
+    min_actors: int = Field(default=1, gt=0)
+    max_actors: int = Field(default=64, gt=0)
+    # a Prefect global concurrency limit holding the cluster's GPU count (`prefect gcl create NAME --limit 8`): a run
+    # takes its GPUs from it before its actors start, and waits up to ray.timeout_s when another run holds them
+    gpu_limit: str = ""
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto = 1 when the cluster has GPUs, else 0
     max_restarts: int = Field(default=3, ge=0)
@@ -129,10 +136,32 @@ class RayConf(Section):
     # it fails naming itself: covers model loads and the slowest item, never an unplaceable request
     timeout_s: float = Field(default=1800.0, gt=0)
     connect_timeout_s: float = Field(default=30.0, gt=0)  # ray.address must answer within this
-    # environment variables copied from the driver to every Ray worker, by name (values are never logged): add
-    # e.g. HF_TOKEN, MLFLOW_TRACKING_PASSWORD or AWS_SECRET_ACCESS_KEY where the cluster's workers need them
+    # environment variables copied from the driver to every Ray worker, by name, through the job's runtime_env (which
+    # the dashboard shows). Credentials need no entry: the store's, the tracking server's and the Hub's reach every
+    # worker from the driver's environment by value (tasks/core/credentials.py), as does a secret-looking name here
     env_vars: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = [
         "LENSFLOW_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"]
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, v: object) -> int | str:
+        if v == "auto":
+            return v
+        try:
+            n = int(str(v))
+        except ValueError:
+            n = 0
+        if n < 1 or isinstance(v, (bool, float)):
+            raise ValueError('expected a count of at least 1, or "auto"')
+        return n
+
+    @field_validator("max_actors")
+    @classmethod
+    def _max_actors(cls, v: int, info) -> int:
+        low = info.data.get("min_actors")
+        if low is not None and v < low:
+            raise ValueError(f"expected at least ray.min_actors ({low})")
+        return v
 
     @field_validator("address")
     @classmethod

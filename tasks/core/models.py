@@ -435,6 +435,31 @@ def prepare(conf: ModelConf) -> None:
         embedded_dir(conf.name)
 
 
+def device_map(model: nn.Module, max_memory: dict[int | str, int]) -> dict[str, int | str]:
+    """Whole blocks per device, balanced over the devices of `max_memory` (accelerate's planner: embeddings on the
+    first, final norm and unembedding on the last); pure arithmetic, so it is tested without GPUs."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    balanced = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split)
+    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split)
+
+
+def place(model: nn.Module, device: torch.device) -> None:
+    """On `device`, or across every GPU this process sees when Ray gave it several (ray.gpus_per_actor > 1: a
+    model too large for one GPU): accelerate's hooks move activations between devices, so hooks and forwards read
+    as for one device."""
+    n = torch.cuda.device_count() if device.type == "cuda" else 0
+    if n < 2:
+        model.to(device)
+        return
+    from accelerate import dispatch_model
+
+    free = {i: torch.cuda.mem_get_info(i)[0] for i in range(n)}
+    dispatch_model(model, device_map=device_map(model, free))
+
+
 def load_model(conf: ModelConf, seed: int = 0) -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -464,6 +489,6 @@ def load_model(conf: ModelConf, seed: int = 0) -> LM:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model.config.use_cache = False  # a KV cache only where a forward asks for one (use_cache=True) and reuses it
-    model.to(device).eval().requires_grad_(False)
+    place(model.eval().requires_grad_(False), device)
     return LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec,
               revision=None if name in EMBEDDED or name.startswith(TINY_PREFIX) else conf.revision)

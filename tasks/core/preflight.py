@@ -1,10 +1,11 @@
 """What a run needs that can be checked before any model loads or any output exists: the store root, the tracking
-server, every layer key against the model's depth (read from its config), and the flow's input files. A run that
+server (with this process's credentials), every layer key against the model's depth (read from its config), and the flow's input files. A run that
 would fail on these fails in seconds, in one line naming the key or file, having written nothing."""
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import tempfile
 import urllib.error
@@ -50,22 +51,69 @@ def check_store_root(root: str) -> None:
                           f"{redact(str(exc).splitlines()[0] if str(exc) else '')})") from None
 
 
-def check_tracking(uri: str) -> None:
+def _auth_header(parts: urllib.parse.SplitResult) -> dict[str, str]:
+    """What MLflow's client sends: user:password@ in the URI, else MLFLOW_TRACKING_TOKEN, else
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    user, password = parts.username, parts.password
+    if user is None and os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user is None:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()}
+
+
+def _call(base: str, path: str, headers: dict[str, str], body: dict | None = None) -> tuple[int, dict]:
+    """One REST call, bounded by TRACKING_TIMEOUT_S (MLflow's own client retries for minutes): (status, JSON)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=TRACKING_TIMEOUT_S) as r:
+            return r.status, _json(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, _json(exc.read())
+
+
+def _json(body: bytes) -> dict:
+    try:
+        reply = json.loads(body or b"{}")
+    except ValueError:  # /health answers "OK"; a proxy's error page is HTML
+        return {}
+    return reply if isinstance(reply, dict) else {}
+
+
+def check_tracking(uri: str, experiment: str = "lensflow") -> None:
+    """A server must answer, and accept this process's credentials for the experiment (got, or created): /health
+    alone needs no login, so a refused password would otherwise show after the extraction has run."""
     if uri.startswith("sqlite:///"):
         _writable_ancestor(Path(uri.removeprefix("sqlite:///")).parent, "tracking.uri")
-    elif uri.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(uri)
-        request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
-                                         + "/health")  # urllib takes no user:password@ in a URL; MLflow sends it
-        if parts.username is not None:
-            token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=TRACKING_TIMEOUT_S) as r:
-                r.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError(f"tracking.uri {redact(uri)}: no MLflow server answers ({reason})") from None
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")  # urllib takes no user@
+    headers = _auth_header(parts)
+    try:
+        status, _ = _call(base, "/health", headers)
+        if status != 200:
+            raise ConfigError(f"tracking.uri {redact(uri)}: /health answered HTTP {status}, not an MLflow server")
+        query = urllib.parse.urlencode({"experiment_name": experiment})
+        status, reply = _call(base, f"/api/2.0/mlflow/experiments/get-by-name?{query}", headers)
+        if status == 404:
+            status, reply = _call(base, "/api/2.0/mlflow/experiments/create", headers, {"name": experiment})
+            if reply.get("error_code") == "RESOURCE_ALREADY_EXISTS":  # another driver created it meanwhile
+                status = 200
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"tracking.uri {redact(uri)}: no MLflow server answers ({reason})") from None
+    if status in (401, 403):
+        given = "credentials refused" if headers else "the server needs a login"
+        raise ConfigError(f"tracking.uri {redact(uri)}: HTTP {status}, {given} (set MLFLOW_TRACKING_USERNAME and "
+                          f"MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in the driver's environment)")
+    if status != 200:
+        raise ConfigError(f"tracking.uri {redact(uri)}: getting or creating tracking.experiment={experiment} "
+                          f"answered HTTP {status} ({redact(str(reply.get('message', '')))[:200]})")
 
 
 def check_layers(conf: Config, n_layers: int) -> None:
@@ -90,8 +138,9 @@ def check_local_placement(rc: RayConf) -> None:
     if gpus > node["GPU"]:
         raise ConfigError(f"ray.gpus_per_actor={gpus:g}: this machine has {node['GPU']:g} GPUs")
     placeable = placed_actors(rc, gpus, [node])
-    if placeable < rc.actors:
-        raise ConfigError(f"ray.actors={rc.actors} with ray.cpus_per_actor={rc.cpus_per_actor:g} each: this machine "
+    wanted, key = (rc.min_actors, "ray.min_actors") if rc.actors == "auto" else (rc.actors, "ray.actors")
+    if placeable < wanted:
+        raise ConfigError(f"{key}={wanted} with ray.cpus_per_actor={rc.cpus_per_actor:g} each: this machine "
                           f"holds {placeable} ({node['CPU']:g} CPUs)")
 
 
@@ -102,4 +151,4 @@ def preflight(conf: Config, inputs: Callable[[Config], object] | None = None) ->
     if inputs is not None:
         inputs(conf)
     check_store_root(conf.store.root)
-    check_tracking(conf.tracking.uri)
+    check_tracking(conf.tracking.uri, conf.tracking.experiment)

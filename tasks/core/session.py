@@ -1,15 +1,17 @@
-"""What every flow does around its stages, in one place: check the model, open the flow's MLflow run, start the
-model actors, and tag the run with the model they hold. A flow then reads as its stages."""
+"""What every flow does around its stages, in one place: check the model, wait for the cluster's GPUs when runs share
+it, open the flow's MLflow run, start the model actors, and tag the run with the model they hold. A flow then reads
+as its stages."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import ContextManager
 
 from lensflow.tasks.core import tracking
 from lensflow.tasks.core.actors import ModelPool
-from lensflow.tasks.core.config import Config
+from lensflow.tasks.core.config import Config, RayConf
 from lensflow.tasks.core.models import ModelInfo, prepare
 
 
@@ -20,10 +22,27 @@ class Session:
     info: ModelInfo
 
 
+def gpus_wanted(rc: RayConf) -> float:
+    """The GPUs a run's actors take at start (ray.actors=auto: its minimum); 0 where gpus_per_actor is auto."""
+    per_actor = 0.0 if rc.gpus_per_actor == "auto" else float(rc.gpus_per_actor)
+    return per_actor * (rc.min_actors if rc.actors == "auto" else rc.actors)
+
+
+def gpu_slots(rc: RayConf) -> ContextManager[object]:
+    """ray.gpu_limit: hold this run's GPUs in Prefect's global concurrency limit while it runs, so a second scheduled
+    run waits for the first instead of failing on a full cluster after ray.timeout_s."""
+    occupy = int(round(gpus_wanted(rc)))
+    if not rc.gpu_limit or occupy == 0:
+        return nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(rc.gpu_limit, occupy=occupy, timeout_seconds=rc.timeout_s, strict=True)
+
+
 @contextmanager
 def open_session(conf: Config, flow: str) -> Iterator[Session]:
     prepare(conf.model)  # unmappable models fail, and the embedded GGUF converts once, before any actor starts
-    with ModelPool(conf) as pool, tracking.flow_run(conf, flow) as run:  # the actors load while the run opens
+    with gpu_slots(conf.ray), ModelPool(conf) as pool, tracking.flow_run(conf, flow) as run:  # actors load meanwhile
         info = pool.describe()
         yield Session(run, pool, info)
         # tagged once the stages are done: a tracking outage then fails the run after its work is in the store
