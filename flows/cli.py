@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     feature.add_argument("--run-id", default=None, help="MLflow run with feature pages (default: the latest finished "
                                                         "run of the flow and model)")
     common(feature)
+    attribute = sub.add_parser("attribute", help="a prompt's attribution graph from per-layer transcoders (JSON, HTML, "
+                                                 "PNG; replacement and completeness scores), logged to MLflow")
+    attribute.add_argument("prompt")
+    attribute.add_argument("--model", default=None, help="model.name (default: circuits.model, gemma3-270m)")
+    common(attribute)
     sweep = sub.add_parser("sweep", help="run a flow over a grid of config values, one nested MLflow run per point")
     sweep.add_argument("flow", nargs="?", choices=sorted(EXPERIMENTS))
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=a,b,c",
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "sweep":
             print(json.dumps(redact_tree(_stoppable(lambda: _sweep(args))), indent=2, default=str))
             return 0
+        if args.cmd == "attribute" and args.model:
+            args.overrides.append(f"model.name={args.model}")
         conf = load_config(args.config, args.overrides)  # validate before anything starts
         if args.cmd == "config":
             print(json.dumps(redact_tree(conf.model_dump(mode="json")), indent=2))
@@ -211,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             flow = exp.flow_function()
             result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))
             print(json.dumps(redact_tree(result), indent=2, default=str))
+            return 0
+        if args.cmd == "attribute":
+            from lensflow.flows.circuits import attribute_command
+
+            _one_line_errors()
+            for kind, value in _stoppable(lambda: attribute_command(conf, args.prompt)).items():
+                print(f"{kind}: {value}")
             return 0
         if args.cmd == "feature":
             print(_feature(experiment(args.flow).resolved(conf), args.flow, args.ref, args.run_id))

@@ -11,6 +11,7 @@ from pydantic import create_model
 
 from lensflow.tasks import (
     causal_trace,
+    circuits,
     editing,
     function_vectors,
     future_lens,
@@ -39,6 +40,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     causal_trace.EXPERIMENT,
     relations.EXPERIMENT,
     editing.EXPERIMENT,
+    circuits.EXPERIMENT,
 )}
 
 LensflowConfig = create_model(

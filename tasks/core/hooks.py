@@ -43,7 +43,7 @@ class Edit:
     site: str
     layer: int
     value: torch.Tensor  # broadcast to [rows, *site_shape] (site_shape = [d] or [head_dim] with `head`)
-    position: Index = -1
+    position: Index | None = -1  # None = every position at once (value broadcast to [rows, seq, *site_shape])
     head: Index | None = None  # attn_head only
     rows: torch.Tensor | None = None  # batch rows this edit touches; None = all
     mode: Literal["replace", "add"] = "replace"
@@ -91,6 +91,10 @@ def _rows_positions(x: torch.Tensor, rows: torch.Tensor | None, position: Index)
 
 
 def _apply(x: torch.Tensor, edit: Edit) -> torch.Tensor:
+    if edit.position is None and edit.head is None:  # a whole sequence: one op, not one per position
+        r = torch.arange(x.shape[0], device=x.device) if edit.rows is None else edit.rows.to(x.device)
+        value = edit.value.to(dtype=x.dtype, device=x.device).expand_as(x[r])
+        return x.index_put((r,), x[r] + value if edit.mode == "add" else value)
     r, p = _rows_positions(x, edit.rows, edit.position)
     idx: tuple[torch.Tensor, ...] = (r, p)
     if edit.head is not None:

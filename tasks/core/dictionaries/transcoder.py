@@ -69,6 +69,36 @@ class Transcoder(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense codes [.., width] (differentiable: zeros where a feature is not in the top k or not positive)."""
+        vals, idx = self._topk(x)
+        return torch.zeros(*x.shape[:-1], self.width, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+
+    def decoder_vectors(self) -> torch.Tensor:
+        """[width, d_out]: what one unit of each feature adds to the MLP output (in the model's units)."""
+        return self.W_dec * self.scale_out
+
+    def encoder_vectors(self) -> torch.Tensor:
+        """[width, d_in]: each feature's pre-activation is `x @ encoder_vectors().T + encoder_offsets()`."""
+        return self.W_enc / self.scale_in
+
+    def encoder_offsets(self) -> torch.Tensor:
+        return self.b_enc - self.W_enc @ self.b_in
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The MLP output predicted from dense codes (the transcoder's output when z = encode(x))."""
+        return (z @ self.W_dec + self.b_out) * self.scale_out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()} | {"k": torch.tensor(self.k)}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> Transcoder:
+        width, d_out = tensors["W_dec"].shape
+        tc = cls(tensors["W_enc"].shape[1], d_out, width, int(tensors["k"]))
+        tc.load_state_dict({k: v for k, v in tensors.items() if k != "k"})
+        return tc.requires_grad_(False)
+
 
 def train_transcoder(tc: Transcoder, x: torch.Tensor, y: torch.Tensor, steps: int, batch_tokens: int, lr: float,
                      seed: int = 0) -> list[float]:

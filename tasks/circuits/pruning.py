@@ -1,0 +1,103 @@
+"""Influence on the output, pruning, and the graph's two quality scores, with circuit-tracer's definitions.
+
+Influence: edge weights taken in absolute value and normalised so each target's incoming weights sum to 1 (W); a
+node's influence is its weight in every path to the logits, each logit weighted by its probability p:
+influence = p (W + W^2 + W^3 + ...), a finite sum because the graph has no cycles.
+
+Pruning keeps the features carrying `node_threshold` of the total influence (tokens, errors and logits always
+stay), then the edges carrying `edge_threshold` of the edge scores of that smaller graph (an edge's score: its
+normalised weight times its target's influence, logits counting their probability), and drops features left without
+an incoming or outgoing edge until none is left.
+
+Replacement score: of the influence that reaches the logits from tokens and error nodes, the share that starts at
+tokens (1 when every path from the input runs through features). Completeness score: over every node, weighted by
+its influence plus its logit probability, the share of its incoming normalised weight that does not come from error
+nodes (partial credit for nodes mostly explained by features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lensflow.tasks.circuits.attribution import Graph
+
+
+def normalised(adjacency: torch.Tensor) -> torch.Tensor:
+    a = adjacency.abs().double()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def influence(w: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weights (W + W^2 + ...): each power is one path length more; stops when the paths run out."""
+    total = torch.zeros_like(weights)
+    current = weights @ w
+    for _ in range(w.shape[0] + 1):
+        if not current.any():
+            return total
+        total += current
+        current = current @ w
+    raise RuntimeError("influence did not converge: the adjacency matrix has a cycle")
+
+
+def _cut(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """The smallest score among the largest ones that together reach `share` of the total."""
+    s = scores.flatten().sort(descending=True).values
+    total = s.sum()
+    if total <= 0:
+        return s[0]
+    i = int(torch.searchsorted(s.cumsum(0) / total, torch.tensor(share, dtype=s.dtype)))
+    return s[min(i, s.numel() - 1)]
+
+
+@dataclass(frozen=True)
+class Pruned:
+    nodes: torch.Tensor  # bool [n]
+    edges: torch.Tensor  # bool [n, n] (target, source)
+    influence: torch.Tensor  # [n] each node's influence on the logits (full graph)
+
+
+def prune(g: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+    w = normalised(g.adjacency)
+    p = g.logit_weights().double()
+    infl = influence(w, p)
+    nodes = torch.ones(g.size, dtype=torch.bool)
+    nf = g.n_features
+    if nf:
+        nodes[:nf] = infl[:nf] >= _cut(infl[:nf], node_threshold)
+    a = g.adjacency.clone()
+    a[~nodes] = 0
+    a[:, ~nodes] = 0
+    wp = normalised(a)
+    target_infl = influence(wp, p) + p
+    scores = wp * target_infl[:, None]
+    edges = (scores >= _cut(scores, edge_threshold)) & (scores > 0)
+    while True:  # features (and errors) need an outgoing edge; features need an incoming one
+        before = nodes.clone()
+        keep_out = edges.any(0)
+        nodes[:g.token_start] &= keep_out[:g.token_start]
+        nodes[:nf] &= edges[:nf].any(1)
+        edges &= nodes[:, None] & nodes[None, :]
+        if torch.equal(before, nodes):
+            return Pruned(nodes, edges, infl)
+
+
+@dataclass(frozen=True)
+class Scores:
+    replacement: float
+    completeness: float
+
+
+def scores(g: Graph) -> Scores:
+    w = normalised(g.adjacency)
+    p = g.logit_weights().double()
+    infl = influence(w, p)
+    errors = slice(g.error_start, g.token_start)
+    tokens = slice(g.token_start, g.logit_start)
+    from_tokens, from_errors = float(infl[tokens].sum()), float(infl[errors].sum())
+    replacement = from_tokens / (from_tokens + from_errors) if from_tokens + from_errors > 0 else 0.0
+    not_error = 1 - w[:, errors].sum(1)
+    weight = infl + p
+    completeness = float((not_error * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
+    return Scores(replacement, completeness)
