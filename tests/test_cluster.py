@@ -387,6 +387,37 @@ def _done(url: str) -> int:
         return 0
 
 
+def test_weights_once_per_cluster_from_the_store(cluster, tmp_path_factory):
+    """A model that is a folder on the driver's machine alone (the second node cannot see it) is written once under
+    store.root/models by its identity; both nodes' actors load it from there, to the same weights."""
+    import fsspec
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lensflow.tasks.core import weights
+    from lensflow.tasks.core.models import tiny_config, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-llama-hf"  # under the tests' temporary folder: hidden
+    tok = tiny_tokenizer()
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok))).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    conf = load_config(None, [*TINY, *cluster.sets("weights"), f"model.name={folder}"])
+    url = weights.url_for(conf)
+    assert url.startswith(f"s3://{cluster.s3.bucket}/weights/models/tiny-llama-hf-") and not weights.complete(url)
+    with ModelPool(conf) as pool:
+        assert weights.complete(url)  # written by the driver before any actor starts
+        assert len(nodes_in_use(pool, time.monotonic() + 60)) == 2  # node2's actor could load it only from there
+        hashes = set(pool.map(weights_hash_of, list(range(6)), desc="weights"))
+    assert len(hashes) == 1
+    fs, path = fsspec.core.url_to_fs(url)
+    assert fs.exists(f"{path}/model.safetensors") and fs.exists(f"{path}/tokenizer.json")
+
+
+def weights_hash_of(lm, item) -> str:
+    return lm.weights_hash
+
+
 def test_infeasible_requests_fail_in_seconds(cluster):
     """Requests no node can hold, and a local store.root on a multi-node cluster, fail in one line naming the
     key and what the cluster has, before any model loads."""

@@ -76,3 +76,32 @@ def test_auto_actors_are_read_and_bounded():
                           (["ray.min_actors=4", "ray.max_actors=2"], "config key 'ray.max_actors': expected at least")):
         with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(")):
             load_config(None, sets)
+
+
+def test_shared_weights_identity_and_round_trip(tmp_path):
+    """Where the cluster's copy goes (none on a private local Ray or for a tiny model), and a copy made through it
+    loads to the same weights hash as the source folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lensflow.tasks.core import weights
+    from lensflow.tasks.core.models import load_model, tiny_config, tiny_tokenizer
+
+    cluster = ["ray.address=127.0.0.1:6379", f"store.root={tmp_path / 'store'}", "store.shared=true"]
+    assert weights.url_for(load_config(None, ["model.name=tiny-llama", *cluster])) is None
+    hub = load_config(None, ["model.name=EleutherAI/gpt-j-6b", "model.revision=47e1693", *cluster])
+    assert weights.url_for(hub) == f"{tmp_path / 'store'}/models/EleutherAI--gpt-j-6b-47e1693-float32"
+    assert weights.url_for(load_config(None, ["model.name=EleutherAI/gpt-j-6b"])) is None  # a private local Ray
+    assert weights.url_for(load_config(None, ["model.name=EleutherAI/gpt-j-6b", "ray.weights_cache=none",
+                                              *cluster])) is None
+    folder = tmp_path / "tiny-hf"
+    tok = tiny_tokenizer()
+    torch.manual_seed(2)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok))).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    conf = load_config(None, [f"model.name={folder}", *cluster])
+    url = weights.publish(conf)
+    assert url is not None and weights.complete(url) and weights.publish(conf) == url
+    local = weights.fetch(url, tmp_path / "node-cache")
+    assert local is not None and (local / "model.safetensors").is_file()
+    assert load_model(conf.model, weights=url).weights_hash == load_model(conf.model).weights_hash

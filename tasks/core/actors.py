@@ -179,13 +179,14 @@ def _to_cpu(x: Any) -> Any:
 class ModelActor:
     """Holds one model; `call` runs a module-level function fn(lm, item) next to it."""
 
-    def __init__(self, model: dict, torch_threads: int | None, creds: credentials.Bundle | None = None):
+    def __init__(self, model: dict, torch_threads: int | None, creds: credentials.Bundle | None = None,
+                 weights: str | None = None):
         from lensflow.tasks.core.models import load_model
 
-        credentials.apply(creds)  # before the load: a Hub token, a weights cache in the store
+        credentials.apply(creds)  # before the load: a Hub token, the weights cache in the store
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.lm = load_model(ModelConf(**model))
+        self.lm = load_model(ModelConf(**model), weights=weights)
 
     def call(self, fn: Callable[..., T], item: Any) -> T:
         return _to_cpu(fn(self.lm, item))
@@ -224,8 +225,10 @@ class ModelPool:
         check_store_shared(conf)
         threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
         opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=self.gpus, max_restarts=rc.max_restarts, max_task_retries=0)
+        from lensflow.tasks.core.weights import publish
+
         self._new_actor = functools.partial(ModelActor.options(**opts).remote, conf.model.model_dump(), threads,
-                                            shipped_credentials(rc))
+                                            shipped_credentials(rc), publish(conf))
         self.timeout_s, self.max_restarts = rc.timeout_s, rc.max_restarts
         self.actors = [self._new_actor() for _ in range(size)]
         self._grown_at = time.monotonic()

@@ -128,6 +128,9 @@ class RayConf(Section):
     # a Prefect global concurrency limit holding the cluster's GPU count (`prefect gcl create NAME --limit 8`): a run
     # takes its GPUs from it before its actors start, and waits up to ray.timeout_s when another run holds them
     gpu_limit: str = ""
+    # where model actors find the model once per cluster (tasks/core/weights.py): "" = {store.root}/models, another
+    # fsspec URL or shared folder, or "none" (each actor loads from the source: the Hub, the driver's folder)
+    weights_cache: str = ""
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto = 1 when the cluster has GPUs, else 0
     max_restarts: int = Field(default=3, ge=0)

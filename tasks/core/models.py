@@ -460,7 +460,24 @@ def place(model: nn.Module, device: torch.device) -> None:
     dispatch_model(model, device_map=device_map(model, free))
 
 
-def load_model(conf: ModelConf, seed: int = 0) -> LM:
+def _share_hub_copy(model: nn.Module, tok, weights_hash: str, url: str) -> None:
+    """The first actor to download a Hub checkpoint writes it under the cluster's weights cache (as loaded: cast to
+    model.dtype), so later actors and runs copy it from the store instead of the Hub."""
+    import socket
+
+    from lensflow.tasks.core import weights as shared
+
+    if not shared.claim(url, f"{socket.gethostname()}:{os.getpid()}"):
+        return
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (Path(tmp) / "weights_hash").write_text(weights_hash)
+        shared.upload(Path(tmp), url)
+
+
+def load_model(conf: ModelConf, seed: int = 0, weights: str | None = None) -> LM:
+    """`weights`: the cluster's shared copy (tasks/core/weights.py), loaded instead of the source once complete."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, conf.dtype)
@@ -474,17 +491,25 @@ def load_model(conf: ModelConf, seed: int = 0) -> LM:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         weights_hash = _state_hash(model)
     else:
-        if name in EMBEDDED:
+        from lensflow.tasks.core import weights as shared
+
+        local = shared.fetch(weights, cache_dir()) if weights else None  # the cluster's copy, on this node
+        if local is not None:
+            path, revision = str(local), None  # the driver checked the model before publishing it
+        elif name in EMBEDDED:
             path, revision = str(embedded_dir(name)), None
         else:
             path, revision = name, conf.revision
-        check_mappable(conf)
+        if local is None:
+            check_mappable(conf)
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=conf.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=conf.trust_remote_code)
         spec = arch_for(model.config.model_type, name)
         marker = Path(path) / "weights_hash"
         weights_hash = marker.read_text().strip() if marker.is_file() else (
             getattr(model.config, "_commit_hash", None) or _state_hash(model))
+        if weights and local is None and name not in EMBEDDED and not Path(name).is_dir():
+            _share_hub_copy(model, tok, str(weights_hash), weights)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
