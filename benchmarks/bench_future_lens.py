@@ -117,10 +117,10 @@ def linear_approximation(lm, data: dict, layer: int, ks=(1, 5)) -> None:
           f"(ridge chosen per N: {info['ridge']})")
     print(f"  {'':24s}{'fit s':>8s}" + "".join(f"{f'P@1 N={n}':>10s}" for n in range(4)) + f"{'vs ridge time':>15s}")
     for name, (sec, m) in res.items():
-        print(f"  {name:24s}{sec:8.2f}" + "".join(f"{x['p_at_1']:10.3f}" for x in m) + f"{sec / closed:14.1f}x")
+        print(f"  {name:24s}{sec:8.2f}" + "".join(f"{x.p_at_1:10.3f}" for x in m) + f"{sec / closed:14.1f}x")
     sgd_s, sgd = res["Adam MSE, 1000 steps"]
     emit("future_lens", "linear map fit time", "closed-form ridge", "Adam on squared error, 1000 steps", sgd_s / closed,
-         p_at_1_n1={"ridge": res["closed-form ridge"][1][1]["p_at_1"], "adam": sgd[1]["p_at_1"]})
+         p_at_1_n1={"ridge": res["closed-form ridge"][1][1].p_at_1, "adam": sgd[1].p_at_1})
 
 
 def main() -> None:

@@ -50,9 +50,10 @@ def function_vectors_flow(config: str = "conf/default.yaml", overrides: list[str
         evals = evaluate_icl_tasks(conf, icl.selected, patchings, heads, choice.layer, plan.scan_layers, s.pool)
         transfers = evaluate_transfers(conf, choices.transfer_jobs(fc, icl, patchings, heads, choice.layer), s.pool)
         result = report.FvRun(s.info.name, patchings, heads, choice, curves, evals, transfers, plan.scan_layers)
-        summary = report.log_run(s.run, result, time.perf_counter() - t0)
+        wall_s = time.perf_counter() - t0
+        summary = report.log_run(s.run, result, wall_s)
     print(report.table(evals, transfers))
     print(f"top-{plan.top_k} heads (layer, head): {heads}; FV added at resid layer {choice.layer} ({choice.how}); "
-          f"stage items computed {summary['computed']} (the rest found under {conf.store.root})")
-    print(f"MLflow run: {s.run.run_id} (experiment '{conf.tracking.experiment}'); {summary['wall_s']:.0f} s")
+          f"stage items computed {result.computed()} (the rest found under {conf.store.root})")
+    print(f"MLflow run: {s.run.run_id} (experiment '{conf.tracking.experiment}'); {wall_s:.0f} s")
     return summary

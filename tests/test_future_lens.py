@@ -127,7 +127,7 @@ def test_last_layer_transplant_reproduces_model_prediction(lm):
     for prompt in (prompt_embeddings(lm, "Hello! Could you please tell me more about"), torch.randn(10, lm.d_model)):
         for forced in (True, False):
             m = evaluate_prompt(lm, prompt, lm.n_layers, h, greedy, batch=2, ks=(1,), teacher_forcing=forced)
-            assert m[0]["p_at_1"] == 1.0
+            assert m[0].p_at_1 == 1.0
 
 
 def test_score_against_naive_reference():
@@ -138,8 +138,8 @@ def test_score_against_naive_reference():
     lp = logits.numpy() - np.log(np.exp(logits.numpy()).sum(1, keepdims=True))
     order = np.argsort(-logits.numpy(), axis=1)
     for k in (1, 3):
-        assert m[f"p_at_{k}"] == pytest.approx(np.mean([t in order[i, :k] for i, t in enumerate(targets.numpy())]))
-    assert m["surprisal"] == pytest.approx(np.mean([-lp[i, t] / math.log(2) for i, t in enumerate(targets.numpy())]), rel=1e-5)
+        assert m.p_at[k] == pytest.approx(np.mean([t in order[i, :k] for i, t in enumerate(targets.numpy())]))
+    assert m.surprisal == pytest.approx(np.mean([-lp[i, t] / math.log(2) for i, t in enumerate(targets.numpy())]), rel=1e-5)
 
 
 def test_ngram_witten_bell_by_hand():
@@ -193,7 +193,7 @@ def test_vocab_probe_learns_a_linear_code():
     for k in range(2):
         lp = probe.logprobs(h, k, vocab_size=64)
         assert torch.allclose(lp.exp().sum(1), torch.ones(n), atol=1e-4)
-        assert score(lp, targets[:, k], ks=(1,))["p_at_1"] > 0.9
+        assert score(lp, targets[:, k], ks=(1,)).p_at_1 > 0.9
 
 
 def test_soft_prompt_training_lowers_kl():
@@ -251,7 +251,7 @@ def test_stored_states_feed_the_transplant_exactly(tiny_samples):
     s = targets.samples(ex.url, lm.vocab_size, 8)
     d = read_block(s, lm.n_layers, s.test)
     m = evaluate_prompt(lm, prompt_embeddings(lm, "Tell me about"), lm.n_layers, d.h, d.greedy, 3, (1,))
-    assert m[0]["p_at_1"] == 1.0
+    assert m[0].p_at_1 == 1.0
 
 
 def test_layer_stages_are_published_then_found_without_recomputing(tiny_samples, monkeypatch):

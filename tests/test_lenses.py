@@ -50,7 +50,7 @@ def test_logit_lens_at_last_layer_is_the_model(tiny_lms, family):
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             logits = lm.model(input_ids=ids).logits[0]  # plain HF forward, no hooks
-        states = prompt_states(lm, text)["states"]
+        states = prompt_states(lm, text).states
         assert states.shape[0] == lm.n_layers + 1
         torch.testing.assert_close(lm.decode(states[-1]), logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(readout(states[-1]), logits, atol=1e-5, rtol=1e-5)
@@ -65,7 +65,7 @@ def test_logit_lens_at_last_layer_is_smollm2(smollm2):
     ids = smollm2.tokenizer(TEXTS[1], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits = smollm2.model(input_ids=ids).logits[0]
-    states = prompt_states(smollm2, TEXTS[1])["states"]
+    states = prompt_states(smollm2, TEXTS[1]).states
     torch.testing.assert_close(Readout.from_lm(smollm2)(states[-1]), logits, atol=1e-4, rtol=1e-4)
     tgt = final_targets(Readout.from_lm(smollm2), states[-1])
     kl, hit = kl_and_top1(Readout.from_lm(smollm2), states[-1], tgt)

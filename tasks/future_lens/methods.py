@@ -28,7 +28,7 @@ from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import LM, ModelInfo
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.future_lens.config import FutureLensConf
-from lensflow.tasks.future_lens.metrics import decoded_scores, score
+from lensflow.tasks.future_lens.metrics import Score, decoded_scores, score
 from lensflow.tasks.future_lens.ngram import NGram, ngram_logits
 from lensflow.tasks.future_lens.ridge import RidgeStats, finetune_hidden_kl, fit_ridge
 from lensflow.tasks.future_lens.samples import (
@@ -91,7 +91,7 @@ class LayerResult:
 
     method: str
     layer: int
-    metrics: list[dict[str, float]]  # per offset N
+    metrics: list[Score]  # per offset N
     trained: bool = False
     evaluated: bool = False
     train_s: float | None = None  # wall time of the training, in whichever run did it
@@ -100,7 +100,7 @@ class LayerResult:
 def best_fixed_prompt(per_prompt: Sequence[Sequence[LayerResult]]) -> int:
     """Index of the prompt with the highest Precision@1 averaged over layers and offsets N: the paper reports its
     best generic prompt as `fixed_prompt` (the first one on ties)."""
-    means = [np.mean([m["p_at_1"] for r in rs for m in r.metrics]) for rs in per_prompt]
+    means = [np.mean([m.p_at_1 for r in rs for m in r.metrics]) for rs in per_prompt]
     return int(np.argmax(means))
 
 
@@ -185,12 +185,14 @@ def on_workers(conf: RayConf, fn: Callable[[ProbeJob], LayerResult], jobs: list[
 # --------------------------------------------------------------------------------------------- per-layer jobs
 
 
-def run_probe(job: ProbeJob, train: Callable[[], Item] | None, evaluate: Callable[[Item], list[dict]]) -> LayerResult:
+def run_probe(job: ProbeJob, train: Callable[[], Item] | None, evaluate: Callable[[Item], list[Score]]) -> LayerResult:
     """Find or train the layer's state, then find or score it on the test split; each is published as soon as it
     is done (the report reads the trained state back from its stage and logs it to the flow's run)."""
     state, trained = job.trained.get_or_compute(job.item, train) if job.trained else (Item(), False)
-    scores, evaluated = job.evaluated.get_or_compute(job.item, lambda: Item(meta={"metrics": evaluate(state)}))
-    return LayerResult(job.method, job.layer, scores.meta["metrics"], trained, evaluated, state.meta.get("train_s"))
+    scores, evaluated = job.evaluated.get_or_compute(
+        job.item, lambda: Item(meta={"metrics": [m.as_dict() for m in evaluate(state)]}))
+    return LayerResult(job.method, job.layer, [Score.from_dict(m) for m in scores.meta["metrics"]], trained, evaluated,
+                       state.meta.get("train_s"))
 
 
 def _timed(train: Callable[[], tuple[dict, dict, dict]]) -> Callable[[], Item]:
@@ -216,7 +218,7 @@ def soft_prompt_job(lm: LM, job: ProbeJob) -> LayerResult:
                   "length": c.soft_prompt_len}
         return {"prompt": prompt}, {"loss": losses}, params
 
-    def evaluate(state: Item) -> list[dict]:
+    def evaluate(state: Item) -> list[Score]:
         test = read_block(s, l, s.test)
         return evaluate_prompt(lm, state.tensors["prompt"], l, test.h, test.greedy, c.eval_batch, tuple(c.ks),
                                c.teacher_forcing)
@@ -228,7 +230,7 @@ def fixed_prompt_job(lm: LM, job: ProbeJob) -> LayerResult:
     """One generic text prompt at one source layer (evaluation only: nothing is trained)."""
     s, c, l = job.samples, job.conf, job.layer
 
-    def evaluate(_: Item) -> list[dict]:
+    def evaluate(_: Item) -> list[Score]:
         test = read_block(s, l, s.test)
         return evaluate_prompt(lm, prompt_embeddings(lm, job.prompt), l, test.h, test.greedy, c.eval_batch,
                                tuple(c.ks), c.teacher_forcing)
@@ -269,7 +271,7 @@ def linear_hidden_job(lm: LM, job: ProbeJob) -> LayerResult:
             w, b = torch.cat(ws, 1), torch.cat(bs)
         return {"w": w, "b": b}, curves, {"ridge": info["ridge"], "ridge_grid": c.ridge}
 
-    def evaluate(state: Item) -> list[dict]:
+    def evaluate(state: Item) -> list[Score]:
         test = read_block(s, l, s.test)
         pred = (test.h @ state.tensors["w"] + state.tensors["b"]).view(test.h.shape[0], test.greedy.shape[1], -1)
         return decoded_scores(lm, pred, test.greedy, tuple(c.ks), c.eval_batch)
@@ -304,7 +306,7 @@ def linear_vocab_job(job: ProbeJob) -> LayerResult:
         return probe.to("cpu").state(), {"loss": losses}, {"rank": c.vocab_rank, "steps": c.vocab_steps,
                                                            "vocab": int(vocab.numel())}
 
-    def evaluate(state: Item) -> list[dict]:
+    def evaluate(state: Item) -> list[Score]:
         probe = VocabProbe.from_state(state.tensors).to(dev)
         test = read_block(s, l, s.test)
         return [score(probe.logprobs(test.h.to(dev), n, s.vocab_size).cpu(), test.greedy[:, n], tuple(c.ks))
@@ -318,7 +320,7 @@ def linear_vocab_job(job: ProbeJob) -> LayerResult:
 
 @dataclass(frozen=True)
 class NGramScores:
-    metrics: list[dict[str, float]]  # per offset N
+    metrics: list[Score]  # per offset N
     computed: bool
 
 
@@ -331,11 +333,11 @@ def ngram_baseline(plan: FutureLensPlan, texts: list[str], pool: ModelPool) -> N
         model = NGram(fc.ngram_order, s.vocab_size).fit(seqs)
         test = read_block(s, None, s.test)
         greedy, x_last = test.greedy.numpy(), test.x_last.numpy()
-        return Item(meta={"metrics": [score(ngram_logits(model, x_last, greedy, n), test.greedy[:, n], tuple(fc.ks))
-                                      for n in range(greedy.shape[1])]})
+        return Item(meta={"metrics": [score(ngram_logits(model, x_last, greedy, n), test.greedy[:, n],
+                                            tuple(fc.ks)).as_dict() for n in range(greedy.shape[1])]})
 
     item, computed = plan.ngram.get_or_compute("metrics", compute)
-    return NGramScores(item.meta["metrics"], computed)
+    return NGramScores([Score.from_dict(m) for m in item.meta["metrics"]], computed)
 
 
 @dataclass(frozen=True)

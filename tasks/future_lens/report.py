@@ -94,8 +94,8 @@ def best_layers(methods: dict[str, list[LayerResult]], n_future: int) -> dict[st
     for method, rs in methods.items():
         best[method] = {}
         for n in range(n_future):
-            top = max(rs, key=lambda r: r.metrics[n]["p_at_1"])
-            best[method][f"n{n}"] = {"layer": top.layer, **top.metrics[n]}
+            top = max(rs, key=lambda r: r.metrics[n].p_at_1)
+            best[method][f"n{n}"] = {"layer": top.layer, **top.metrics[n].as_dict()}
     return best
 
 
@@ -134,10 +134,10 @@ def log_run(run: tracking.RunRef, conf: Config, targets: SampleTargets, ex: Extr
     for method, rs in methods.items():
         for r in rs:
             for n, m in enumerate(r.metrics):
-                per_layer.setdefault(r.layer, {}).update(prefixed(method, m, n))
+                per_layer.setdefault(r.layer, {}).update(prefixed(method, m.as_dict(), n))
     for layer, metrics in sorted(per_layer.items()):
         tracking.log_metrics(run, metrics, step=layer)
-    panels = {f"N={n}": {m: {r.layer: r.metrics[n]["p_at_1"] for r in rs} for m, rs in methods.items() if m in METHODS}
+    panels = {f"N={n}": {m: {r.layer: r.metrics[n].p_at_1 for r in rs} for m, rs in methods.items() if m in METHODS}
               for n in range(fc.n_future)}
     title = f"Future Lens, {conf.model.name}: Precision@1 vs source layer"
     tracking.log_figure(run, layer_curves(panels, "Precision@1", title), "plots/future_lens_p_at_1.png")

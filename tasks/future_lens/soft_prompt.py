@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lensflow.tasks.core.devices import loss_scaler
 from lensflow.tasks.core.hooks import Edit, trace
 from lensflow.tasks.core.models import LM
-from lensflow.tasks.future_lens.metrics import score
+from lensflow.tasks.future_lens.metrics import Score, score
 
 
 def prompt_embeddings(lm: LM, text: str, length: int | None = None) -> torch.Tensor:
@@ -121,7 +121,7 @@ def free_running_logprobs(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Ten
 
 @torch.no_grad()
 def evaluate_prompt(lm: LM, prompt: torch.Tensor, layer: int, h: torch.Tensor, greedy: torch.Tensor, batch: int,
-                    ks: tuple[int, ...], teacher_forcing: bool = True) -> list[dict[str, float]]:
+                    ks: tuple[int, ...], teacher_forcing: bool = True) -> list[Score]:
     """Metrics per offset N (list index) against the model's greedy tokens, in batches; offsets N > 0 see the
     model's greedy tokens (teacher forcing) or, with teacher_forcing=False, the lens's own."""
     n_future = greedy.shape[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,10 +236,17 @@ def token_batches(
             yield h[i:i + batch_tokens].float(), tgt[i:i + batch_tokens]
 
 
+@dataclass(frozen=True)
+class PromptStates:
+    """Enough to draw the lens grid of one prompt for any lens away from the model (driver side)."""
+
+    tokens: list[str]
+    states: torch.Tensor  # every resid layer, float32 [n_layers + 1, tokens, d]
+    tokenizer: Any  # names the lens' predictions
+
+
 @torch.no_grad()
-def prompt_states(lm: LM, prompt: str, max_tokens: int | None = None) -> dict:
-    """Every resid layer of one prompt (float32 [n_layers + 1, tokens, d]), its tokens, and the tokenizer to name
-    the lens' predictions: enough to draw the grid for any lens away from the model (driver side)."""
+def prompt_states(lm: LM, prompt: str, max_tokens: int | None = None) -> PromptStates:
     enc = lm.encode([prompt], max_tokens)
     n = int(enc["last"][0]) + 1
     layers = list(range(lm.n_layers + 1))
@@ -246,7 +254,7 @@ def prompt_states(lm: LM, prompt: str, max_tokens: int | None = None) -> dict:
         lm.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
     states = torch.stack([t["resid", l][0, :n] for l in layers]).float().cpu()
     tokens = [lm.tokenizer.decode([int(k)]) for k in enc["input_ids"][0, :n]]
-    return {"tokens": tokens, "states": states, "tokenizer": lm.tokenizer}
+    return PromptStates(tokens, states, lm.tokenizer)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from lensflow.tasks.core import tracking
 from lensflow.tasks.core.config import Config, ConfigError
 from lensflow.tasks.core.plots import layer_curves, lens_grid, save_grid
 from lensflow.tasks.lenses.readouts import (
+    PromptStates,
     Readout,
     Translator,
     grid_cells,
@@ -136,7 +137,7 @@ def log_layer_training(run: tracking.RunRef, conf: Config, stages: LensStages, l
 
 
 def log_lenses(run: tracking.RunRef, conf: Config, stages: LensStages, targets: TargetsResult, done: LayersResult,
-               readout: Readout, grid: dict, t_start: float, extract_s: float) -> LensReport:
+               readout: Readout, grid: PromptStates, t_start: float, extract_s: float) -> LensReport:
     """Everything the flow logs after the stages ran: per-layer metrics and curves, the summary table and means,
     the translators, the grids of lenses.grid_prompt, tags and timings."""
     layers = done.layers
@@ -170,9 +171,9 @@ def log_lenses(run: tracking.RunRef, conf: Config, stages: LensStages, targets: 
                       timings)
 
 
-def _grid(readout: Readout, grid: dict, translators: dict[int, Translator] | None, title: str):
-    layers, cells, probs = grid_cells(readout, grid["states"], grid["tokenizer"], translators)
-    return lens_grid(grid["tokens"], layers, cells, probs, title)
+def _grid(readout: Readout, grid: PromptStates, translators: dict[int, Translator] | None, title: str):
+    layers, cells, probs = grid_cells(readout, grid.states, grid.tokenizer, translators)
+    return lens_grid(grid.tokens, layers, cells, probs, title)
 
 
 def render_grid(conf: Config, prompt: str, lens: str = "logit", run_id: str | None = None) -> dict[str, str]:
