@@ -32,6 +32,7 @@ EN = ["The cat sleeps on the warm mat.", "We walked to the market in the rain.",
 FR = ["Le chat dort sur le tapis chaud.", "Nous sommes allés au marché sous la pluie.", "Le pain demande farine, eau et sel.",
       "Le train part à sept heures demain.", "Ma soeur joue bien du violon.", "La neige couvrait le village calme."]
 LAYERS = [0, 2, 4]  # of tiny-llama's resid layers 0..4; neurons at blocks 1 and 3
+BLOCKS = [0, 2]  # transcoders: the blocks numbered like a chosen resid layer
 STEPS = 1500  # per SAE: about 3 s in a one-thread Ray worker, so the kill lands between layers even when busy
 TRAIN_PARAGRAPHS = 2  # of the 6 per language train the SAEs; the other 4 are measured
 
@@ -49,7 +50,10 @@ def settings(tmp_path_factory, tracking_uri):
             f"multilingual.files={{en: {files['en']}, fr: {files['fr']}}}", "multilingual.paragraph_tokens=48",
             "multilingual.layers=[0, 2, 4]", "multilingual.sae.train_prompts=16", f"multilingual.sae.steps={STEPS}",
             f"multilingual.sae.train_paragraphs={TRAIN_PARAGRAPHS}",
-            "multilingual.sae.batch_tokens=16", "multilingual.sae.k=4", "multilingual.neurons.calibration_prompts=8"]
+            "multilingual.sae.batch_tokens=16", "multilingual.sae.k=4", "multilingual.neurons.calibration_prompts=8",
+            "multilingual.transcoders.train.width=64", "multilingual.transcoders.train.k=4",
+            "multilingual.transcoders.train.steps=40", "multilingual.transcoders.train.batch_tokens=32",
+            "multilingual.transcoders.train.max_tokens=16"]
 
     def overrides(root: Path, *extra: str) -> list[str]:
         return [*base, f"store.root={root}", *extra]
@@ -67,7 +71,8 @@ def clean(ray_session, prefect_harness, settings, tmp_path_factory):
 
 def _items(root: Path) -> dict[str, Path]:
     """Published stage items of the experiment, by path relative to the store root (keys do not include it)."""
-    return {str(p.relative_to(root)): p for p in Path(root, "multilingual").rglob("*.safetensors")}
+    return {str(p.relative_to(root)): p for folder in ("multilingual", "dictionaries")
+            for p in Path(root, folder).rglob("*.safetensors")}
 
 
 def _load(root: Path, name: str) -> Item:
@@ -96,6 +101,13 @@ def test_flow_logs_per_layer_metrics_and_matches_a_plain_forward(clean, tracking
     assert all(len(c["loss"]) == STEPS for c in curves.values())
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/multilingual_overlap_sae.png", "plots/multilingual_overlap_neurons.png"} <= arts
+    # transcoders of blocks 0 and 2 (numbered like the resid layers below the last): quality and overlaps per block
+    assert sorted(out["transcoder_gap"]) == BLOCKS and sorted(out["transcoder_held"]) == BLOCKS
+    for lang in ("en", "fr"):
+        steps = client.get_metric_history(run.info.run_id, metric_key(f"multilingual.transcoder.fve.{lang}"))
+        assert {m.step: m.value for m in steps} == pytest.approx(out["transcoder_fve_lang"][lang])
+    tc_gap = client.get_metric_history(run.info.run_id, metric_key("multilingual.transcoder.overlap.gap"))
+    assert {m.step: m.value for m in tc_gap} == pytest.approx(out["transcoder_gap"])
     # feature pages: the index and one page per chosen feature of every layer, at the layout graphs link to
     pages = artifact_files(tracking_uri, run.info.run_id, "features")
     assert "features/index.html" in pages and out["feature_pages"] > 0
@@ -213,8 +225,9 @@ def test_killed_run_resumes_per_layer_and_equals_a_clean_run(clean, settings, tm
         assert (root / n).stat().st_mtime_ns == t, f"finished SAE {n} was rewritten"
 
     resumed, reference = _items(root), _items(clean_root)
-    # thresholds, 2 sets, then per layer the SAE, its overlaps and its feature pages
-    assert len(resumed) == 3 + 3 * len(LAYERS) and set(resumed) <= set(reference)
+    # thresholds, 2 sets, then per layer the SAE, its overlaps and its feature pages, per block the transcoder overlaps
+    # and per block the transcoder (the core's dictionaries stage)
+    assert len(resumed) == 3 + 3 * len(LAYERS) + 2 * len(BLOCKS) and set(resumed) <= set(reference)
     for name in resumed:
         got, want = _load(root, name), _load(clean_root, name)
         assert got.tensors.keys() == want.tensors.keys(), name

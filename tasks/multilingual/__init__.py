@@ -36,5 +36,6 @@ EXPERIMENT = Experiment(
                      ("multilingual.overlap.size.", "multilingual.sizes"),
                      ("multilingual.overlap.gap_se", "multilingual.pairs"),
                      ("multilingual.overlap.unrelated.", "multilingual.pairs"),
-                     ("multilingual.overlap.", "multilingual"), ("multilingual.", "multilingual.details")),
+                     ("multilingual.overlap.", "multilingual"),
+                     ("multilingual.transcoder.", "multilingual.transcoder"), ("multilingual.", "multilingual.details")),
 )

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from lensflow.tasks.core.config import Section
+from lensflow.tasks.core.dictionaries.transcoder_stage import TranscoderConf
 
 # language codes the experiment knows: the shipped corpus and antonym set have each of them, so a typo fails here
 # instead of as a missing file; a user's own `files` may hold any subset of them
@@ -52,6 +53,13 @@ class MultilingualConf(Section):
         tokens: int = Field(default=10, gt=0)  # promoted (and suppressed) output tokens per feature
         min_density: float = Field(default=1e-4, ge=0, lt=1)  # rarer features are never chosen
 
+    class Transcoders(Section):
+        """Per-block transcoders (the core's stage, tasks/core/dictionaries/transcoder_stage.py) trained on every
+        language's training paragraphs and the general text, then measured per language and for overlap."""
+
+        enabled: bool = True
+        train: TranscoderConf = TranscoderConf()
+
     # the model this flow runs when the run config names none (model.name unset): Gemma 3 270M is multilingual, SmolLM2
     # (the default of every other flow) answers the seed's prompts in English only; an explicit model.name wins, and
     # null defers to model.name (plan.resolve_model)
@@ -68,6 +76,7 @@ class MultilingualConf(Section):
     sae: SAE = SAE()
     neurons: Neurons = Neurons()
     pages: Pages = Pages()
+    transcoders: Transcoders = Transcoders()
 
     @field_validator("languages")
     @classmethod

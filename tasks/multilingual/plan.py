@@ -12,12 +12,13 @@ import numpy as np
 from lensflow.tasks.core.actors import connect, map_remote
 from lensflow.tasks.core.config import Config, ConfigError, with_overrides
 from lensflow.tasks.core.devices import cluster_gpus
+from lensflow.tasks.core.dictionaries import transcoder_stage as tc_stage
 from lensflow.tasks.core.dictionaries.saelens import export_sae, import_sae
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.prompts import load_prompts
-from lensflow.tasks.core.stages import is_remote
-from lensflow.tasks.multilingual import features
+from lensflow.tasks.core.stages import Stage, is_remote
+from lensflow.tasks.multilingual import features, transcoders
 from lensflow.tasks.multilingual.config import MultilingualConf
 from lensflow.tasks.multilingual.overlap import (
     OverlapJob,
@@ -98,6 +99,59 @@ def store_confs(conf: Config, layers: list[int]) -> tuple[Config, Config]:
     """(general text, paragraphs): every token of the chosen resid layers; paragraphs cut at paragraph_tokens."""
     general = with_overrides(conf, {"store.positions": "all", "store.layers": layers, "store.sites": ["resid"]})
     return general, with_overrides(general, {"data.max_tokens": conf.multilingual.paragraph_tokens})
+
+
+def measured_conf(conf: Config, paragraph_conf: Config) -> Config:
+    """The measured paragraphs' stores: with transcoders, also each chosen block's MLP input and output (blocks
+    numbered like the layers: block l reads resid layer l), what the transcoders are measured on per language."""
+    if not conf.multilingual.transcoders.enabled:
+        return paragraph_conf
+    return with_overrides(paragraph_conf, {"store.sites": ["resid", "mlp_in", "mlp_out"]})
+
+
+def transcoder_blocks(layers: list[int], n_layers: int) -> list[int]:
+    """The blocks whose transcoders are trained and measured: those numbered like a chosen resid layer."""
+    return [l for l in layers if l < n_layers]
+
+
+def transcoder_stage(conf: Config, info: ModelInfo, inputs: MultilingualInputs) -> Stage:
+    """The core's per-block transcoder stage for this run's training texts (every language's training paragraphs,
+    then the general text, which the stage's holdout takes from)."""
+    texts = transcoders.training_texts(inputs.sae_text, inputs.general)
+    return tc_stage.transcoder_stage(conf.store.root, info.id, conf.multilingual.transcoders.train, texts)
+
+
+def train_transcoders(conf: Config, pool, info: ModelInfo, inputs: MultilingualInputs,
+                      blocks: list[int]) -> list[tc_stage.TrainedLayer]:
+    """Every chosen block's transcoder on the model actors (found ones only read); none when disabled."""
+    mt = conf.multilingual.transcoders
+    if not mt.enabled or not blocks:
+        return []
+    texts = transcoders.training_texts(inputs.sae_text, inputs.general)
+    return tc_stage.train_transcoders(pool, transcoder_stage(conf, info, inputs), info.id, mt.train, texts, blocks)
+
+
+def transcoder_jobs(conf: Config, info: ModelInfo, inputs: MultilingualInputs, paragraphs: dict[str, Extraction],
+                    blocks: list[int]) -> list[transcoders.TranscoderOverlapJob]:
+    """One model-free job per block: its transcoder measured on each language's stored measured paragraphs."""
+    mc = conf.multilingual
+    if not mc.transcoders.enabled or not blocks:
+        return []
+    trained = transcoder_stage(conf, info, inputs)
+    stage = transcoders.overlap_stage(conf.store.root, trained, {l: ex.key for l, ex in paragraphs.items()},
+                                      inputs.pairs, mc.seed)
+    urls = {l: ex.url for l, ex in paragraphs.items()}
+    return [transcoders.TranscoderOverlapJob(trained, stage, b, urls, inputs.pairs, inputs.perm.tolist(),
+                                             mc.skip_first) for b in blocks]
+
+
+def transcoder_layers(conf: Config, jobs: list[transcoders.TranscoderOverlapJob]) -> list[
+        transcoders.TranscoderLayerResult]:
+    """One Ray remote call per block (the model actors are gone by then); light: reads and encodes, no training."""
+    if not jobs:
+        return []
+    connect(conf.ray)
+    return map_remote(transcoders.transcoder_layer, jobs, "transcoder per block", conf.ray)
 
 
 def sae_jobs(conf: Config, info: ModelInfo, general: Extraction, sae_text: dict[str, Extraction],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from lensflow.tasks.multilingual.overlap import (
 
 if TYPE_CHECKING:
     from lensflow.tasks.multilingual.plan import MultilingualInputs
+    from lensflow.tasks.multilingual.transcoders import TranscoderLayerResult
 
 KINDS = ("translated", "unrelated")
 MEASURES = ("whether translations of a paragraph activate the same SAE features and MLP neurons: Jaccard overlap "
@@ -52,6 +53,11 @@ class Summary:
     wall_s: float
     table: str
     feature_pages: int = 0  # pages logged under features/ (every layer)
+    transcoder_gap: dict[int, float] = field(default_factory=dict)  # per block, mean over pairs
+    transcoder_held: dict[int, dict[str, float]] = field(default_factory=dict)  # per block: held-out general text
+    transcoder_fve_lang: dict[str, dict[int, float]] = field(default_factory=dict)  # language -> block -> FVE
+    transcoder_peak_pairs: dict[str, PairOverlap] = field(default_factory=dict)
+    transcoder_table: str = ""
 
     @property
     def peak_layer(self) -> int:
@@ -70,6 +76,10 @@ class Summary:
         neurons = (f"; neurons block {npeak} ({self.neurons_gap[npeak]:+.3f}: {per_pair(self.neurons_peak_pairs)})"
                    if npeak is not None else "")
         pages = f"\nfeature pages: {self.feature_pages} features, artifact {INDEX}" if self.feature_pages else ""
+        if self.transcoder_gap:
+            tpeak = max(self.transcoder_gap, key=self.transcoder_gap.get)
+            pages += (f"\n{self.transcoder_table}largest translated-unrelated gap in the transcoder basis: block {tpeak} "
+                      f"({self.transcoder_gap[tpeak]:+.3f}: {per_pair(self.transcoder_peak_pairs)})")
         return (self.table + f"largest translated-unrelated gap: SAE resid layer {peak} ({self.gap[peak]:+.3f}: "
                 f"{per_pair(self.peak_pairs)})" + neurons + pages)
 
@@ -81,7 +91,9 @@ class Summary:
                 "peak_gap_se": {p: v.gap_se for p, v in self.peak_pairs.items()},
                 "neurons_peak_gap_se": {p: v.gap_se for p, v in self.neurons_peak_pairs.items()},
                 "overlaps_measured": self.overlaps_measured, "neuron_stages_computed": self.neuron_stages_computed,
-                "chunks_computed": self.chunks_computed, "wall_s": self.wall_s, "feature_pages": self.feature_pages}
+                "chunks_computed": self.chunks_computed, "wall_s": self.wall_s, "feature_pages": self.feature_pages,
+                "transcoder_gap": self.transcoder_gap, "transcoder_held": self.transcoder_held,
+                "transcoder_fve_lang": self.transcoder_fve_lang}
 
 
 def log_overlaps(run: RunRef, prefix: str, per_layer: dict[int, LayerOverlap]) -> dict[int, float]:
@@ -131,6 +143,38 @@ def log_sae_training(run: RunRef, results: list[SAELayerResult], store: str) -> 
     return {r.layer: run.run_id for r in results}
 
 
+TRANSCODER_METRICS = ("fve", "l0", "dead", "loss_clean", "loss_spliced")
+
+
+def transcoder_table(results: list[TranscoderLayerResult], gaps: dict[int, float]) -> str:
+    """Per block: transcoder quality on held-out general text (FVE of the MLP output, L0, dead, next-token loss
+    clean -> spliced in), FVE on each language's measured paragraphs, and the gap in the transcoder basis."""
+    langs = list(results[0].fve_lang)
+    rows = [f"| block | transcoder FVE general | {' | '.join(f'FVE {l}' for l in langs)} | L0 | dead | "
+            "loss clean -> spliced | transcoder gap |", "|---" * (len(langs) + 6) + "|"]
+    for r in results:
+        m = r.metrics
+        rows.append(f"| {r.block} | {m['fve']:.3f} | {' | '.join(f'{r.fve_lang[x]:.3f}' for x in langs)} | "
+                    f"{m['l0']:.1f} | {m['dead']:.2f} | {m['loss_clean']:.2f} -> {m['loss_spliced']:.2f} | "
+                    f"{gaps[r.block]:+.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def log_transcoders(run: RunRef, info: ModelInfo, results: list[TranscoderLayerResult]) -> dict[int, float]:
+    """Per block (step = block): held-out quality `multilingual.transcoder.{fve, l0, dead, loss_clean,
+    loss_spliced}`, `multilingual.transcoder.fve.<lang>`, overlaps under `multilingual.transcoder.overlap.*`; the
+    overlap figure. Returns the gap per block."""
+    for r in results:
+        tracking.log_metrics(run, {**{f"multilingual.transcoder.{k}": r.metrics[k] for k in TRANSCODER_METRICS},
+                                   **{f"multilingual.transcoder.fve.{lang}": v for lang, v in r.fve_lang.items()}},
+                             step=r.block)
+    per_block = {r.block: r.overlap for r in results}
+    gaps = log_overlaps(run, "multilingual.transcoder.overlap", per_block)
+    tracking.log_figure(run, overlap_figure(per_block, f"{info.name}: transcoder features (block)"),
+                        "plots/multilingual_overlap_transcoder.png")
+    return gaps
+
+
 def log_feature_pages(run: RunRef, pages: list[LayerPages], model: str) -> int:
     """The feature pages as artifacts (`features/index.html`, `features/layer_LL/feature_NNNNN.html`: the layout
     attribution graphs link to; their data as `features/pages.json`, what `lensflow feature` reads) and, per layer
@@ -152,7 +196,7 @@ def log_feature_pages(run: RunRef, pages: list[LayerPages], model: str) -> int:
 
 def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], results: list[SAELayerResult],
                 neurons: NeuronOverlaps | None, inputs: MultilingualInputs, t0: float,
-                pages: list[LayerPages] | None = None) -> Summary:
+                pages: list[LayerPages] | None = None, tc: list[TranscoderLayerResult] | None = None) -> Summary:
     """Log every per-layer metric, the figures and the table; the summary counts what this run computed, over the
     stores ({label: extraction}) too. `t0` is the flow's start (perf_counter) for wall_s."""
     by_layer = {r.layer: r for r in results}
@@ -179,6 +223,12 @@ def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], res
     text = table(by_layer, gaps, ngaps)
     tracking.log_text(run, text, "multilingual.md")
     n_pages = log_feature_pages(run, pages or [], info.name)
+    tc = tc or []
+    tc_gaps = log_transcoders(run, info, tc) if tc else {}
+    tc_text = transcoder_table(tc, tc_gaps) if tc else ""
+    if tc_text:
+        tracking.log_text(run, tc_text, "multilingual_transcoders.md")
+    tc_peak = max(tc_gaps, key=tc_gaps.get) if tc_gaps else None
     peak = max(gaps, key=gaps.get)
     npeak = max(ngaps, key=ngaps.get) if ngaps else None
     summary = Summary(
@@ -188,7 +238,9 @@ def log_results(run: RunRef, info: ModelInfo, stores: dict[str, Extraction], res
         neurons.blocks[npeak].pairs if npeak is not None else {},
         [l for l, r in by_layer.items() if r.trained], [l for l, r in by_layer.items() if r.measured],
         neurons.computed if neurons else 0, sum(ex.chunks_computed for ex in stores.values()), time.perf_counter() - t0,
-        text, n_pages)
+        text, n_pages, tc_gaps, {r.block: {k: r.metrics[k] for k in TRANSCODER_METRICS} for r in tc},
+        {lang: {r.block: r.fve_lang[lang] for r in tc} for lang in (tc[0].fve_lang if tc else {})},
+        next(r.overlap.pairs for r in tc if r.block == tc_peak) if tc else {}, tc_text)
     tracking.log_metrics(run, {"multilingual.peak_layer": summary.peak_layer,
                                "multilingual.neurons.peak_block": summary.neurons_peak_block,
                                "multilingual.paragraphs": inputs.n_paragraphs,
