@@ -97,3 +97,11 @@ def test_per_language_fve_and_overlap_match_a_plain_forward(tmp_path):
 
 def test_training_texts_hold_out_general_text_last():
     assert training_texts({"en": ["a", "b"], "fr": ["c"]}, ["g1", "g2"]) == ["a", "b", "c", "g1", "g2"]
+
+
+def test_a_k_wider_than_the_transcoder_is_one_line_before_any_work(make_conf):
+    from lensflow.tasks.core.config import ConfigError
+    from lensflow.tasks.multilingual.plan import check_inputs
+
+    with pytest.raises(ConfigError, match=r"^config key 'multilingual.transcoders.train.k': 80 exceeds .* 64"):
+        check_inputs(make_conf("multilingual.transcoders.train.width=64", "multilingual.transcoders.train.k=80"))

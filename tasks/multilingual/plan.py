@@ -65,6 +65,10 @@ def check_inputs(conf: Config) -> None:
 def load_inputs(conf: Config) -> MultilingualInputs:
     """Everything the run reads, loaded and checked before any store or run exists."""
     mc = conf.multilingual
+    tt = mc.transcoders.train
+    if mc.transcoders.enabled and tt.k > tt.width:
+        raise ConfigError(f"config key 'multilingual.transcoders.train.k': {tt.k} exceeds the transcoder width "
+                          f"{tt.width} (multilingual.transcoders.train.width)")
     full = load_parallel(mc.languages, mc.files, mc.max_paragraphs)
     pairs = parse_pairs(mc.languages, mc.pairs)
     general = load_prompts(with_overrides(conf, {"data.max_prompts": mc.sae.train_prompts}).data)
