@@ -5,6 +5,8 @@ files (shipped and bad), and the flow end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from lensflow.tasks.core.config import ConfigError, ModelConf
 from lensflow.tasks.core.metric_names import metric_key
 from lensflow.tasks.core.models import load_model
+from lensflow.tasks.relations import lre
 from lensflow.tasks.relations.data import KINDS, Relation, Sample, Split, load_relations, select_relations, split
 from lensflow.tasks.relations.jacobian import encode_prompt, jacobian
 from lensflow.tasks.relations.lre import Settings, demos, evaluate, fit_layers, low_rank_pinv
@@ -110,18 +113,32 @@ def test_low_rank_pinv():
     torch.testing.assert_close(low_rank_pinv(M, 3), want.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_choices_never_see_test_subjects(tiny_lms):
-    """Two splits with the same train and dev samples and different test subjects choose the same beta, rank and
-    layer; the scores differ only where the test subjects do."""
+def test_choices_never_see_test_subjects(tiny_lms, monkeypatch):
+    """beta, rank and layer are chosen from the dev subjects alone: the choice sees exactly the dev states, and two
+    splits that differ only in their test subjects choose alike and score their dev subjects alike. The tiny model
+    answers nothing right, so its own top-1 token stands in as every subject's object: the dev scores are then
+    numbers, not NaN defaults."""
     lm = tiny_lms["llama"]
+    real_states, real_choose, seen = lre.run_states, lre.choose, []
+    monkeypatch.setattr(lre, "run_states", lambda *a, **k: replace(st := real_states(*a, **k), target=st.top1))
+
+    def choose(lm, rel, prefix, dev, *rest):
+        seen.append({x.subject for x in dev.samples})
+        return real_choose(lm, rel, prefix, dev, *rest)
+
+    monkeypatch.setattr(lre, "choose", choose)
     sp = split(REL, 3, 4, None, 0)
     assert not {*sp.train} & {*sp.dev} and not ({*sp.train} | {*sp.dev}) & {*sp.test}
-    st = Settings((1, 3), (1.0, 2.0), (4, 16), 4)
+    st = Settings((1, 3), (0.25, 4.0), (4, 16), 4)
     fits = fit_layers(lm, REL, sp.train, st.layers, rows=64)
     other = Split(sp.train, sp.dev, (Sample("tall", "short"), Sample("good", "bad"), Sample("sweet", "sour")))
     a, b = evaluate(lm, REL, sp, fits, st), evaluate(lm, REL, other, fits, st)
+    evaluate(lm, REL, Split(sp.train, sp.test, sp.dev), fits, st)
+    dev, test = {x.subject for x in sp.dev}, {x.subject for x in sp.test}
+    assert seen == [dev, dev, test]  # the swapped split's choice saw its dev, i.e. the others' test subjects
+    assert all(math.isfinite(x) for x in a.dev_faithfulness)
     assert (a.beta, a.rank, a.layer) == (b.beta, b.rank, b.layer)
-    assert json.dumps(a.dev_faithfulness) == json.dumps(b.dev_faithfulness)  # NaN-aware
+    assert a.dev_faithfulness == b.dev_faithfulness
     assert a.n_test == len(sp.test) and b.n_test == 3
 
 
