@@ -18,7 +18,7 @@ class CircuitsConf(Section):
     model: str | None = "gemma3-270m"  # the flow's model unless model.name is set on the command line or in YAML
     languages: list[Literal["en", "fr", "es", "de", "zh"]] = Field(default=list(LANGUAGES), min_length=1)
     transcoder: TranscoderConf = TranscoderConf()
-    texts_per_language: int = Field(default=60, gt=0)  # parallel-corpus paragraphs per language the transcoders see
+    texts_per_language: int = Field(default=24, gt=0)  # parallel-corpus paragraphs per language the transcoders see
     transcoders: str | None = None  # a transcoder stage folder (…/dictionaries/transcoders/KEY) instead of training
     # graphs: the antonym prompts of the first `graph_pairs` pairs in every language (or these prompts)
     prompts: list[str] | None = None

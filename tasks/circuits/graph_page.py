@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 
 COLORS = {"cross layer transcoder": "#f4a259", "mlp reconstruction error": "#9e9e9e", "embedding": "#5b8e7d",
           "logit": "#bc4b51"}
@@ -111,11 +112,12 @@ def graph_figure(data: dict):
         for i, n in enumerate(ns):
             pos[n["node_id"]] = (p + (i - (len(ns) - 1) / 2) * min(0.1, 0.8 / len(ns)), r)
     wmax = max((abs(l["weight"]) for l in data["links"]), default=1.0) or 1.0
-    for l in sorted(data["links"], key=lambda l: abs(l["weight"])):
-        if l["source"] in pos and l["target"] in pos:
-            (x0, y0), (x1, y1) = pos[l["source"]], pos[l["target"]]
-            ax.plot([x0, x1], [y0, y1], color="#3a6ea5" if l["weight"] >= 0 else "#c0392b",
-                    lw=0.2 + 2.5 * abs(l["weight"]) / wmax, alpha=0.25 + 0.6 * abs(l["weight"]) / wmax, zorder=1)
+    links = sorted((l for l in data["links"] if l["source"] in pos and l["target"] in pos), key=lambda l: abs(l["weight"]))
+    rel = [abs(l["weight"]) / wmax for l in links]
+    colors = [(0.23, 0.43, 0.65, 0.25 + 0.6 * r) if l["weight"] >= 0 else (0.75, 0.22, 0.17, 0.25 + 0.6 * r)
+              for l, r in zip(links, rel)]
+    ax.add_collection(LineCollection([[pos[l["source"]], pos[l["target"]]] for l in links], colors=colors,
+                                     linewidths=[0.2 + 2.5 * r for r in rel], zorder=1))
     for name, *members in data["qParams"]["supernodes"]:
         pts = [pos[i] for i in members if i in pos]
         if pts:
@@ -123,11 +125,15 @@ def graph_figure(data: dict):
             ax.add_patch(plt.Rectangle((min(xs) - 0.15, min(ys) - 0.35), max(xs) - min(xs) + 0.3,
                                        max(ys) - min(ys) + 0.7, fill=False, ls="--", ec="#c9a227", zorder=2))
             ax.text(min(xs) - 0.15, max(ys) + 0.4, name, fontsize=7, color="#8a6d00")
+    for kind, color in COLORS.items():
+        mine = [n for n in data["nodes"] if n["feature_type"] == kind]
+        if mine:
+            ax.scatter([pos[n["node_id"]][0] for n in mine], [pos[n["node_id"]][1] for n in mine], color=color,
+                       s=18 if kind == "cross layer transcoder" else 36, edgecolors="#333", linewidths=0.4, zorder=3,
+                       label=kind)
     for n in data["nodes"]:
-        x, y = pos[n["node_id"]]
-        ax.scatter([x], [y], s=18 if n["feature_type"] == "cross layer transcoder" else 36,
-                   color=COLORS[n["feature_type"]], edgecolors="#333", linewidths=0.4, zorder=3)
         if n["feature_type"] == "logit":
+            x, y = pos[n["node_id"]]
             ax.text(x, y + 0.3, n["clerp"], fontsize=6, ha="center", rotation=20)
     ax.set_xticks(range(len(toks)), [t.replace("$", r"\$") for t in toks], rotation=45, fontsize=7, ha="right")
     ax.set_yticks(range(n_layers + 2), ["tokens", *[f"L{l}" for l in range(n_layers)], "logits"], fontsize=7)

@@ -4,6 +4,7 @@ and completeness scores, and the interventions' success rates with their control
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import defaultdict
@@ -26,7 +27,7 @@ OUT_DIR = Path(".lensflow/graphs")
 
 def slug(prompt: str) -> str:
     s = re.sub(r"[^\w]+", "_", prompt, flags=re.UNICODE).strip("_").lower()
-    return (s[:48] or "prompt") + "_" + format(abs(hash(prompt)) % 10**6, "06d")
+    return (s[:48] or "prompt") + "_" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Rate:
     success: float
     random_control: float
     wrong_position: float
+    unedited: float
 
 
 def rates(outcomes: list[Outcome]) -> list[Rate]:
@@ -119,7 +121,7 @@ def rates(outcomes: list[Outcome]) -> list[Rate]:
     for (e, s, t), os in sorted(groups.items(), key=lambda kv: (EXPERIMENTS.index(kv[0][0]), kv[0][1], kv[0][2])):
         mean = lambda xs: float(np.mean(xs))  # noqa: E731
         out.append(Rate(e, s, t, len(os), mean([o.success for o in os]), mean([o.random_control for o in os]),
-                        mean([o.wrong_position for o in os])))
+                        mean([o.wrong_position for o in os]), mean([o.unedited for o in os])))
     return out
 
 
@@ -127,17 +129,17 @@ def swaps_table(model: str, strength: float, rs: list[Rate], kept: dict[str, lis
     lines = [f"# Feature interventions: {model} (strength {strength:g})", "",
              "Pairs the model answers right unedited, per language: "
              + ", ".join(f"{l} {len(v)}" for l, v in kept.items()), "",
-             "| experiment | prompt language | target | n | success | random features | wrong position |",
-             "|---|---|---|---|---|---|---|"]
+             "| experiment | prompt language | target | n | success | random features | wrong position | unedited |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.experiment} | {r.source} | {r.target} | {r.n} | {r.success:.2f} | {r.random_control:.2f} | "
-              f"{r.wrong_position:.2f} |" for r in rs]
+              f"{r.wrong_position:.2f} | {r.unedited:.2f} |" for r in rs]
     for e in EXPERIMENTS:
         mine = [r for r in rs if r.experiment == e]
         if mine:
             n = sum(r.n for r in mine)
             w = lambda key: sum(getattr(r, key) * r.n for r in mine) / n  # noqa: E731
             lines.append(f"| **{e} (all)** | | | {n} | {w('success'):.2f} | {w('random_control'):.2f} | "
-                         f"{w('wrong_position'):.2f} |")
+                         f"{w('wrong_position'):.2f} | {w('unedited'):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,6 +152,7 @@ def log_swaps(run: tracking.RunRef, model: str, strength: float, outcomes: list[
         metrics[f"circuits.{r.experiment}.{key}.success"] = r.success
         metrics[f"circuits.control.{r.experiment}.{key}.random"] = r.random_control
         metrics[f"circuits.control.{r.experiment}.{key}.wrong_position"] = r.wrong_position
+        metrics[f"circuits.control.{r.experiment}.{key}.unedited"] = r.unedited
     for e in EXPERIMENTS:
         mine = [o for o in outcomes if o.experiment == e]
         if mine:

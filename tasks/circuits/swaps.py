@@ -84,6 +84,7 @@ class Plan:
     random_case: Case
     wrong_case: Case
     answers: tuple[str, ...]
+    unedited: bool  # the unedited model's top-1 token already counts as success (e.g. grand / grande)
 
 
 def _ops(layers: list[int], position: int, suppress: list[list[int]], inject: list[list[int]],
@@ -133,6 +134,7 @@ def plan(lm: LM, transcoders: dict[int, Transcoder], pairs: list[AntonymPair], l
     # which pairs the model answers right, unedited
     flat = [q for lang in languages for q in ant[lang]]
     base = run_cases(lm, transcoders, [Case(q) for q in flat]).argmax(-1).tolist()
+    top_of = {q: lm.tokenizer.decode([t]) for q, t in zip(flat, base)}
     kept: dict[str, list[int]] = {}
     for li, lang in enumerate(languages):
         tops = base[li * len(pairs):(li + 1) * len(pairs)]
@@ -148,7 +150,8 @@ def plan(lm: LM, transcoders: dict[int, Transcoder], pairs: list[AntonymPair], l
             answers: tuple[str, ...]) -> None:
         rand = _random_ops(layers, pos, transcoders, clean, ops, gen)
         wrong = [FeatureOp(o.layer, WRONG_POSITION, o.features, o.kind, o.values) for o in ops]
-        plans.append(Plan(experiment, src, tgt, pairs[i].id, Case(q, ops), Case(q, rand), Case(q, wrong), answers))
+        plans.append(Plan(experiment, src, tgt, pairs[i].id, Case(q, ops), Case(q, rand), Case(q, wrong), answers,
+                          starts_answer(top_of[q], answers)))
 
     # (a) language
     for src in sources:
@@ -156,7 +159,7 @@ def plan(lm: LM, transcoders: dict[int, Transcoder], pairs: list[AntonymPair], l
             else mean[src]
         suppress = top_group(own, group_size)
         for tgt in languages:
-            if tgt == src:
+            if tgt == src or not kept[tgt]:  # only languages the model answers in
                 continue
             other = mean[tgt] - torch.stack([mean[o] for o in languages if o != tgt]).amax(0)
             inject = top_group(other, group_size)
@@ -203,6 +206,7 @@ class Outcome:
     success: bool
     random_control: bool
     wrong_position: bool
+    unedited: bool
     answer: str  # the edited top-1 token
 
 
@@ -213,5 +217,5 @@ def run_plans(lm: LM, transcoders: dict[int, Transcoder], plans: list[Plan], str
     for i, p in enumerate(plans):
         words = [lm.tokenizer.decode([t]) for t in tops[3 * i:3 * i + 3]]
         out.append(Outcome(p.experiment, p.source, p.target, p.pair, *(starts_answer(w, p.answers) for w in words),
-                           words[0]))
+                           p.unedited, words[0]))
     return out
