@@ -138,14 +138,16 @@ def test_page_data_is_a_stage_found_again(lm, built):
 
 
 def test_choice_is_bounded_multilingual_first_then_each_languages_own():
-    rate = np.array([[0.5, 0.1, 0.0, 0.3, 0.2, 0.0],
-                     [0.4, 0.2, 0.3, 0.0, 0.2, 0.0]])  # [languages, features]
+    rate = np.array([[0.5, 0.1, 0.0, 0.3, 0.2, 0.0, 0.6],
+                     [0.4, 0.2, 0.3, 0.0, 0.2, 0.0, 0.5]])  # [languages, features]
     tokens = np.array([100, 100])
-    stats = FeatureStats(["en", "fr"], tokens, rate * 100, rate * 100, *[torch.zeros(1, 6)] * 4)
+    stats = FeatureStats(["en", "fr"], tokens, rate * 100, rate * 100, *[torch.zeros(1, 7)] * 4)
     chosen = choose_features(stats, multilingual=2, specific=1)
-    # multilingual: highest lowest rate (0: 0.4, 4: 0.2); en's own: 3 (0.3 vs 0); fr's own: 2 (0.3 vs 0)
-    assert chosen == {0: "multilingual", 4: "multilingual", 3: "specific:en", 2: "specific:fr"}
-    assert 5 not in choose_features(stats, 6, 6)  # never active: never a page
+    # multilingual: highest lowest rate (6: 0.5, 0: 0.4); en's own: 3 (0.3 vs 0); fr's own: 2 (0.3 vs 0)
+    assert chosen == {6: "multilingual", 0: "multilingual", 3: "specific:en", 2: "specific:fr"}
+    wide = choose_features(stats, 0, 6)
+    assert 5 not in wide  # never active: never a page
+    assert wide == {3: "specific:en", 1: "specific:fr", 2: "specific:fr"}  # 1: 0.2 vs 0.1 (2x); 0, 6: not 2x
 
 
 def test_site_layout_links_and_marks_the_peak(built):

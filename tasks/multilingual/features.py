@@ -25,7 +25,7 @@ from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.core.store import Activations
 from lensflow.tasks.multilingual.config import MultilingualConf
 
-VERSION = 1  # of the page data: part of the pages stage key
+VERSION = 2  # of the page data: part of the pages stage key (2: language-specific needs 2x the rate elsewhere)
 PAGE_PARAMS = ("multilingual", "specific", "contexts", "tokens", "min_density")
 
 

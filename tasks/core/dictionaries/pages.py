@@ -167,11 +167,15 @@ def feature_stats(sources: Mapping[str, TextCodes], top_n: int, batch_rows: int 
     return FeatureStats(names, np.asarray(tokens), np.stack(fired), np.stack(mass), *top)
 
 
+SPECIFIC_RATIO = 2.0  # a language's own feature fires at least this many times as often on it as on any other
+
+
 def choose_features(stats: FeatureStats, multilingual: int, specific: int, min_density: float = 0.0) -> dict[int, str]:
     """Which features get pages, {feature: kind}, bounded: the `multilingual` features with the highest lowest
     firing rate over the sources (active in every language), then per source the `specific` ones firing most on it
-    beyond their rate anywhere else (a language's own features). With one source: the densest features ("dense").
-    Features below `min_density` are never chosen."""
+    beyond their rate anywhere else, among those firing SPECIFIC_RATIO times as often on it as on any other (a
+    language's own features). With one source: the densest features ("dense"). Features below `min_density` are
+    never chosen."""
     rate, density = stats.rate(), stats.density()
     alive = density > max(min_density, 0.0)
     chosen: dict[int, str] = {}
@@ -191,7 +195,7 @@ def choose_features(stats: FeatureStats, multilingual: int, specific: int, min_d
     take(rate.min(0), multilingual, "multilingual")
     for i, s in enumerate(stats.sources):
         others = np.delete(rate, i, axis=0).max(0)
-        take(rate[i] - others, specific, f"specific:{s}")
+        take(np.where(rate[i] >= SPECIFIC_RATIO * others, rate[i] - others, 0.0), specific, f"specific:{s}")
     return chosen
 
 
