@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.dictionaries.pages import layer_pages, store_codes
 from lensflow.tasks.core.dictionaries.transcoder import Transcoder
 from lensflow.tasks.core.extraction import extract
 from lensflow.tasks.core.models import describe, load_model
 from lensflow.tasks.core.stages import Item, Stage
+from lensflow.tasks.core.store import Activations
 from lensflow.tasks.multilingual.overlap import derangement
 from lensflow.tasks.multilingual.transcoders import (
     TranscoderOverlapJob,
@@ -93,6 +95,20 @@ def test_per_language_fve_and_overlap_match_a_plain_forward(tmp_path):
     assert got.overlap.pairs["en-fr"].translated == pytest.approx(np.mean([jac(en[i], fr[i]) for i in range(4)]))
     assert got.overlap.pairs["en-fr"].unrelated == pytest.approx(np.mean([jac(en[i], fr[perm[i]]) for i in range(4)]))
     assert got.overlap.size["fr"] == pytest.approx(np.mean([len(s) for s in fr]))
+
+    # the same transcoder's feature pages: codes read on mlp_in, decoder directions adding to mlp_out
+    sources = {l: store_codes(tc.encode, Activations(ex.url), BLOCK, "mlp_in") for l, ex in stores.items()}
+    pages = layer_pages(lm, sources, tc.decoder_vectors(), BLOCK, "transcoder", 2, 1, 2, 3)
+    assert pages.dictionary == "transcoder" and pages.pages
+    with torch.no_grad():
+        z = {lang: [_by_hand(tc, x)[0] for x, _ in ps] for lang, ps in pairs.items()}
+    for page in pages.pages:
+        f = page.feature
+        peaks = sorted(((float(c[:, f].max()), lang, row, int(c[:, f].argmax()) + 1)
+                        for lang, cs in z.items() for row, c in enumerate(cs)), reverse=True)
+        peaks = [p for p in peaks if p[0] > 0][:2]
+        assert [(c.source, c.row, c.position) for c in page.contexts] == [p[1:] for p in peaks]
+        assert [c.value for c in page.contexts] == pytest.approx([p[0] for p in peaks], rel=1e-4)
 
 
 def test_training_texts_hold_out_general_text_last():

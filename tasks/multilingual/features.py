@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from lensflow.tasks.core.actors import ModelPool
 from lensflow.tasks.core.config import Config
 from lensflow.tasks.core.dictionaries.autoencoder import SparseAutoencoder
-from lensflow.tasks.core.dictionaries.pages import LayerPages, TextCodes, from_dict, layer_pages
+from lensflow.tasks.core.dictionaries.pages import LayerPages, TextCodes, from_dict, layer_pages, store_codes
 from lensflow.tasks.core.models import LM
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.core.store import Activations
@@ -57,15 +56,9 @@ class PagesJob:
         return f"layer_{self.layer:02d}"
 
 
-def store_codes(sae: SparseAutoencoder, acts: Activations, layer: int, skip_first: bool) -> TextCodes:
-    """A stored layer (positions=all) as the SAE's dense codes, read a contiguous block of rows at a time."""
-    def codes(rows: np.ndarray) -> torch.Tensor:
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        x = torch.from_numpy(acts.layer(layer, slice(lo, hi))).to(sae.W_dec.device)
-        with torch.no_grad():
-            return sae.encode(x)[torch.as_tensor(rows - lo)]
-
-    return TextCodes(np.asarray(acts.token_ids[:]), codes, skip_first)
+def sae_codes(sae: SparseAutoencoder, acts: Activations, layer: int, skip_first: bool) -> TextCodes:
+    """A stored resid layer as the SAE's dense codes (on the SAE's device)."""
+    return store_codes(lambda x: sae.encode(x.to(sae.W_dec.device)), acts, layer, "resid", skip_first)
 
 
 def sae_directions(sae: SparseAutoencoder) -> torch.Tensor:
@@ -77,7 +70,7 @@ def feature_pages(lm: LM, job: PagesJob) -> LayerPages:
     """Actor body: the layer's page data, found in the store or gathered and published there."""
     def compute() -> Item:
         sae = SparseAutoencoder.from_state(job.sae_stage.load(job.item).tensors).to(lm.device)
-        sources = {lang: store_codes(sae, Activations(url), job.layer, job.skip_first)
+        sources = {lang: sae_codes(sae, Activations(url), job.layer, job.skip_first)
                    for lang, url in job.paragraphs.items()}
         pages = layer_pages(lm, sources, sae_directions(sae), job.layer, "sae", job.multilingual, job.specific,
                             job.contexts, job.tokens, job.min_density)

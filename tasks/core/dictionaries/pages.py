@@ -17,6 +17,7 @@ import torch
 
 from lensflow.tasks.core.models import LM
 from lensflow.tasks.core.progress import progress
+from lensflow.tasks.core.store import Activations
 
 ROOT = "features"  # the artifact folder every page lives under
 INDEX = f"{ROOT}/index.html"
@@ -97,6 +98,18 @@ class TextCodes:
         if self.skip_first:
             m[:, 0] = False
         return m
+
+
+def store_codes(encode: Callable[[torch.Tensor], torch.Tensor], acts: Activations, layer: int, site: str = "resid",
+                skip_first: bool = True) -> TextCodes:
+    """A stored layer or block (positions=all) as a dictionary's dense codes, read a contiguous block of rows at a
+    time: `encode` is an SAE's on `resid`, a transcoder's on `mlp_in` (its decoder directions then add to mlp_out)."""
+    def codes(rows: np.ndarray) -> torch.Tensor:
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        with torch.no_grad():
+            return encode(torch.from_numpy(acts.layer(layer, slice(lo, hi), site=site)))[torch.as_tensor(rows - lo)]
+
+    return TextCodes(np.asarray(acts.token_ids[:]), codes, skip_first)
 
 
 @dataclass
