@@ -4,7 +4,8 @@ Model work goes to long-lived actors (loading a model per task would dominate). 
 have started (a request no node can hold is refused before any model loads); an actor lost with its node has its
 items resubmitted to the actors that remain, while Ray restarts it wherever it fits, and it gets work again once
 it is back (a node that returns is used again). Every wait is bounded by ray.timeout_s and fails naming the stage.
-Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks, retried by Ray.
+Work without a model (per-layer probe, lens and SAE training) is plain Ray tasks, retried by Ray. Both get the
+driver's credentials by value (credentials.py) and actors the cluster's copy of the weights (weights.py).
 """
 
 from __future__ import annotations
