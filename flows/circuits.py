@@ -36,7 +36,7 @@ def _graphs(conf: Config, s, url: str, prompts: list[str], as_task: bool = False
     cc = conf.circuits
     gstage = graph_stage(conf.store.root, url, cc.model_dump())
     found = (graphs_stage if as_task else graphs)(s.pool, gstage, url, prompts, cc.logit_share, cc.max_logits,
-                                                  cc.batch_rows)
+                                                  cc.batch_rows, cc.max_batch_tokens)
     supernodes = load_supernodes(cc.supernodes, s.info.n_layers, _width(conf)) if cc.supernodes else None
     files = []
     for i, (g, computed, seconds) in enumerate(found):
@@ -88,5 +88,6 @@ def attribute_command(conf: Config, prompt: str) -> dict[str, str]:
         dicts = prepare_transcoders(conf, s.pool, s.info)
         log_transcoders(s.run, dicts.layers, dicts.url)
         (f,) = _graphs(conf, s, dicts.url, [prompt])
+        log_graph_summary(s.run, [f])
     return {"json": f.json, "html": f.html, "png": f.png, "replacement_score": f"{f.replacement:.4f}",
             "completeness_score": f"{f.completeness:.4f}", "run_id": s.run.run_id}

@@ -180,11 +180,14 @@ def _pass(lm: LM, rep: Replacement, targets: list[Target]) -> tuple[list[torch.T
 
 
 def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_share: float = 0.95,
-              max_logits: int = 10, batch_rows: int = 64) -> Graph:
-    """The full (unpruned) attribution graph of `prompt`."""
+              max_logits: int = 10, batch_rows: int = 64, max_batch_tokens: int | None = None) -> Graph:
+    """The full (unpruned) attribution graph of `prompt`. max_batch_tokens caps rows x tokens of one pass, so a long
+    prompt gets fewer targets per backward pass instead of running out of memory."""
     check_transcoders(lm, transcoders)
     ids = tokenize(lm, prompt)
     L, S = lm.n_layers, ids.shape[1]
+    if max_batch_tokens is not None:
+        batch_rows = max(1, min(batch_rows, max_batch_tokens // S))
     with frozen(lm) as fz:
         rep = replacement(lm, transcoders, ids, fz)
         feats = [(l, p, f) for l in range(L) for p, f in (rep.codes[l] > 0).nonzero().tolist()]

@@ -28,6 +28,7 @@ class CircuitsConf(Section):
     node_threshold: float = Field(default=0.8, gt=0, le=1)  # pruning: share of influence on the logits kept (nodes)
     edge_threshold: float = Field(default=0.98, gt=0, le=1)  # (edges)
     batch_rows: int = Field(default=64, gt=0)  # attribution targets per backward pass
+    max_batch_tokens: int = Field(default=4096, gt=0)  # rows x prompt tokens per pass: long prompts get fewer rows
     supernodes: str | None = None  # YAML: name -> ["layer:id", ...]
     # interventions (the seed's three experiments)
     intervene: bool = True

@@ -41,6 +41,7 @@ class GraphJob:
     logit_share: float
     max_logits: int
     batch_rows: int
+    max_batch_tokens: int
 
     @property
     def item(self) -> str:
@@ -68,14 +69,15 @@ def graph_of(lm: LM, job: GraphJob) -> tuple[Graph, bool, float]:
 
     def compute() -> Item:
         tcs = actor_transcoders(lm, job.transcoders)
-        return to_item(attribute(lm, tcs, job.prompt, job.logit_share, job.max_logits, job.batch_rows))
+        return to_item(attribute(lm, tcs, job.prompt, job.logit_share, job.max_logits, job.batch_rows,
+                                 job.max_batch_tokens))
 
     item, computed = job.stage.get_or_compute(job.item, compute)
     return from_item(item), computed, time.perf_counter() - start
 
 
 def graphs(pool, stage: Stage, transcoders: str, prompts: list[str], logit_share: float, max_logits: int,
-           batch_rows: int) -> list[tuple[Graph, bool, float]]:
-    jobs = [GraphJob(stage, transcoders, p, logit_share, max_logits, batch_rows) for p in prompts]
+           batch_rows: int, max_batch_tokens: int) -> list[tuple[Graph, bool, float]]:
+    jobs = [GraphJob(stage, transcoders, p, logit_share, max_logits, batch_rows, max_batch_tokens) for p in prompts]
     return pool.map(graph_of, jobs, desc="attribution graphs", in_flight=1)
 
