@@ -36,7 +36,7 @@ def _graphs(conf: Config, s, url: str, prompts: list[str], as_task: bool = False
     cc = conf.circuits
     gstage = graph_stage(conf.store.root, url, cc.model_dump())
     found = (graphs_stage if as_task else graphs)(s.pool, gstage, url, prompts, cc.logit_share, cc.max_logits,
-                                                  cc.batch_rows, cc.max_batch_tokens)
+                                                  cc.batch_rows, cc.max_batch_tokens, cc.max_feature_rows)
     supernodes = load_supernodes(cc.supernodes, s.info.n_layers, _width(conf)) if cc.supernodes else None
     files = []
     for i, (g, computed, seconds) in enumerate(found):

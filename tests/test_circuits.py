@@ -183,6 +183,12 @@ def test_batched_attribution_equals_one_target_per_pass(tiny):
     batched = attribute(lm, tcs, "abc def", batch_rows=64)
     single = attribute(lm, tcs, "abc def", batch_rows=1)
     torch.testing.assert_close(batched.adjacency, single.adjacency, atol=1e-5, rtol=0)
+    # only the most influential features' rows: those rows are the full graph's, the others are not computed
+    partial = attribute(lm, tcs, "abc def", batch_rows=8, max_feature_rows=20)
+    rows = partial.rows_computed
+    assert int(rows[:partial.n_features].sum()) == 20 and rows[partial.logit_start:].all()
+    torch.testing.assert_close(partial.adjacency[rows], batched.adjacency[rows], atol=1e-5, rtol=0)
+    assert not partial.adjacency[~rows].any()
 
 
 @pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)

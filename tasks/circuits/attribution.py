@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lensflow.tasks.circuits.influence import influence, normalised
 from lensflow.tasks.core.config import ConfigError
 from lensflow.tasks.core.dictionaries.transcoder import Transcoder
 from lensflow.tasks.core.frozen import frozen
@@ -47,7 +48,7 @@ class Graph:
     logit_probs: torch.Tensor  # [n_logits]
     adjacency: torch.Tensor  # [n, n]
     n_layers: int
-
+    rows_computed: torch.Tensor | None = None  # bool [n]: targets whose incoming edges were computed
     @property
     def n_features(self) -> int:
         return self.features.shape[0]
@@ -180,9 +181,13 @@ def _pass(lm: LM, rep: Replacement, targets: list[Target]) -> tuple[list[torch.T
 
 
 def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_share: float = 0.95,
-              max_logits: int = 10, batch_rows: int = 64, max_batch_tokens: int | None = None) -> Graph:
-    """The full (unpruned) attribution graph of `prompt`. max_batch_tokens caps rows x tokens of one pass, so a long
-    prompt gets fewer targets per backward pass instead of running out of memory."""
+              max_logits: int = 10, batch_rows: int = 64, max_batch_tokens: int | None = None,
+              max_feature_rows: int | None = None) -> Graph:
+    """The (unpruned) attribution graph of `prompt`. max_batch_tokens caps rows x tokens of one pass, so a long
+    prompt gets fewer targets per backward pass instead of running out of memory. max_feature_rows: compute the
+    incoming edges of at most this many features (None: every one), chosen as circuit-tracer does: after the logits'
+    rows, each next batch is the uncomputed features with the most influence on the logits through the rows known
+    so far; every feature stays a node (a source of edges) either way, and every computed row is exact."""
     check_transcoders(lm, transcoders)
     ids = tokenize(lm, prompt)
     L, S = lm.n_layers, ids.shape[1]
@@ -196,20 +201,29 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
         logit_ids, probs = top_logits(rep.logits, logit_share, max_logits)
         U = lm.unembed.weight.detach().float()
         u_mean = U.mean(0)
-        targets = [Target(L, S - 1, U[v] - u_mean) for v in logit_ids]
-        targets += [Target(l, p, transcoders[l].encoder_vectors()[f].detach().float()) for l, p, f in feats]
         n_f = len(feats)
         n = n_f + L * S + S + len(logit_ids)
+        logit_rows = list(range(n_f + L * S + S, n))
+
+        def target(row: int) -> Target:
+            if row >= n_f:
+                return Target(L, S - 1, U[logit_ids[row - logit_rows[0]]] - u_mean)
+            l, p, f = feats[row]
+            return Target(l, p, transcoders[l].encoder_vectors()[f].detach().float())
+
         A = torch.zeros(n, n)
-        rows = list(range(n_f + L * S + S, n)) + list(range(n_f))  # logits first, then features
+        done = torch.zeros(n, dtype=torch.bool)
+        weights = torch.zeros(n, dtype=torch.float64)
+        weights[logit_rows] = probs.double()
+        cap = n_f if max_feature_rows is None else min(n_f, max_feature_rows)
         dec = [transcoders[l].decoder_vectors().detach().float().to(lm.device) for l in range(L)]
         by_layer = [[i for i, (fl, _, _) in enumerate(feats) if fl == l] for l in range(L)]
-        with progress(len(targets), "attribution rows", unit="row") as bar:
-            for start in range(0, len(targets), batch_rows):
-                chunk = targets[start:start + batch_rows]
-                grads, g_emb = _pass(lm, rep, chunk)
-                out_rows = torch.tensor(rows[start:start + batch_rows])
-                block = torch.zeros(len(chunk), n)
+        queue = list(range(n_f)) if cap == n_f else None  # every feature: in order, no influence needed
+        with progress(len(logit_rows) + cap, "attribution rows", unit="row") as bar:
+            batch = logit_rows[:batch_rows]
+            while batch:
+                grads, g_emb = _pass(lm, rep, [target(r) for r in batch])
+                block = torch.zeros(len(batch), n)
                 for l in range(L):
                     g = grads[l]
                     if g is None:
@@ -222,8 +236,18 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
                         block[:, idx] = ((g[:, pos] * dec[l][fid]).sum(-1) * acts[idx].to(lm.device)).cpu()
                     block[:, n_f + l * S:n_f + (l + 1) * S] = (g * rep.errors[l]).sum(-1).cpu()
                 block[:, n_f + L * S:n_f + L * S + S] = (g_emb.float() * rep.embeds).sum(-1).cpu()
-                A[out_rows] = block
-                bar.update(len(chunk))
+                A[batch] = block
+                done[batch] = True
+                bar.update(len(batch))
+                batch = [r for r in logit_rows if not done[r]][:batch_rows]
+                room = cap - int(done[:n_f].sum())
+                if batch or room <= 0:
+                    continue
+                if queue is not None:
+                    batch = [r for r in queue if not done[r]][:min(batch_rows, room)]
+                    continue
+                score = influence(normalised(A), weights)[:n_f].masked_fill(done[:n_f], -1.0)
+                batch = score.topk(min(batch_rows, room)).indices.tolist()
     tok = lm.tokenizer
     return Graph(prompt, ids[0].tolist(), [tok.decode([i]) for i in ids[0].tolist()], features, acts.float(),
-                 logit_ids, [tok.decode([i]) for i in logit_ids], probs, A, L)
+                 logit_ids, [tok.decode([i]) for i in logit_ids], probs, A, L, done)

@@ -29,6 +29,9 @@ class CircuitsConf(Section):
     edge_threshold: float = Field(default=0.98, gt=0, le=1)  # (edges)
     batch_rows: int = Field(default=64, gt=0)  # attribution targets per backward pass
     max_batch_tokens: int = Field(default=4096, gt=0)  # rows x prompt tokens per pass: long prompts get fewer rows
+    # features whose incoming edges are computed, the most influential first (None = all: ~3000 on Gemma 3 270M
+    # with k=16, about half an hour of one busy CPU core per graph)
+    max_feature_rows: int | None = Field(default=384, gt=0)
     supernodes: str | None = None  # YAML: name -> ["layer:id", ...]
     # interventions (the seed's three experiments)
     intervene: bool = True

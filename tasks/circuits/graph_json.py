@@ -3,7 +3,8 @@
 Schema `lensflow-attribution-graph/1`:
 
   metadata   slug, scan (the model), prompt, prompt_tokens, node_threshold, edge_threshold, replacement_score,
-             completeness_score, n_layers, transcoders (the stage folder the features come from), schema
+             completeness_score, n_layers, transcoders (the stage folder the features come from), schema,
+             n_nodes_unpruned, n_features_unpruned, feature_rows_computed (features whose incoming edges were computed)
   qParams    pinnedIds [], supernodes [[name, node_id, ...], ...], linkType "both"
   nodes      node_id, jsNodeId, feature, layer, ctx_idx, feature_type, activation, influence, token_prob,
              is_target_logit, clerp (the label: token, feature or logit text), feature_page
@@ -68,7 +69,9 @@ def graph_json(g: Graph, pruned: Pruned, s: Scores, model: str, transcoders: str
         "metadata": {"schema": SCHEMA, "slug": slug, "scan": model, "prompt": g.prompt, "prompt_tokens": g.token_strs,
                      "n_layers": g.n_layers, "node_threshold": node_threshold, "edge_threshold": edge_threshold,
                      "replacement_score": s.replacement, "completeness_score": s.completeness,
-                     "transcoders": transcoders, "n_nodes_unpruned": g.size, "n_features_unpruned": g.n_features},
+                     "transcoders": transcoders, "n_nodes_unpruned": g.size, "n_features_unpruned": g.n_features,
+                     "feature_rows_computed": int(g.rows_computed[:g.n_features].sum())
+                     if g.rows_computed is not None else g.n_features},
         "qParams": {"pinnedIds": [], "supernodes": [[name, *members] for name, members in (supernodes or {}).items()],
                     "linkType": "both"},
         "nodes": nodes,

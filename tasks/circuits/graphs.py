@@ -13,7 +13,7 @@ from lensflow.tasks.core.models import LM
 from lensflow.tasks.core.stages import Item, ModelId, Stage, digest
 
 VERSION = 1
-SETTINGS = ("logit_share", "max_logits")
+SETTINGS = ("logit_share", "max_logits", "max_feature_rows")
 
 
 def graph_stage(root: str, transcoders_url: str, settings: dict) -> Stage:
@@ -42,6 +42,7 @@ class GraphJob:
     max_logits: int
     batch_rows: int
     max_batch_tokens: int
+    max_feature_rows: int | None
 
     @property
     def item(self) -> str:
@@ -50,7 +51,7 @@ class GraphJob:
 
 def to_item(g: Graph) -> Item:
     return Item({"features": g.features, "activations": g.activations, "logit_probs": g.logit_probs,
-                 "adjacency": g.adjacency},
+                 "adjacency": g.adjacency, "rows_computed": g.rows_computed},
                 {"prompt": g.prompt, "tokens": g.tokens, "token_strs": g.token_strs, "logit_tokens": g.logit_tokens,
                  "logit_strs": g.logit_strs, "n_layers": g.n_layers})
 
@@ -58,7 +59,7 @@ def to_item(g: Graph) -> Item:
 def from_item(item: Item) -> Graph:
     m, t = item.meta, item.tensors
     return Graph(m["prompt"], m["tokens"], m["token_strs"], t["features"], t["activations"], m["logit_tokens"],
-                 m["logit_strs"], t["logit_probs"], t["adjacency"], m["n_layers"])
+                 m["logit_strs"], t["logit_probs"], t["adjacency"], m["n_layers"], t["rows_computed"])
 
 
 def graph_of(lm: LM, job: GraphJob) -> tuple[Graph, bool, float]:
@@ -70,14 +71,15 @@ def graph_of(lm: LM, job: GraphJob) -> tuple[Graph, bool, float]:
     def compute() -> Item:
         tcs = actor_transcoders(lm, job.transcoders)
         return to_item(attribute(lm, tcs, job.prompt, job.logit_share, job.max_logits, job.batch_rows,
-                                 job.max_batch_tokens))
+                                 job.max_batch_tokens, job.max_feature_rows))
 
     item, computed = job.stage.get_or_compute(job.item, compute)
     return from_item(item), computed, time.perf_counter() - start
 
 
 def graphs(pool, stage: Stage, transcoders: str, prompts: list[str], logit_share: float, max_logits: int,
-           batch_rows: int, max_batch_tokens: int) -> list[tuple[Graph, bool, float]]:
-    jobs = [GraphJob(stage, transcoders, p, logit_share, max_logits, batch_rows, max_batch_tokens) for p in prompts]
+           batch_rows: int, max_batch_tokens: int, max_feature_rows: int | None) -> list[tuple[Graph, bool, float]]:
+    jobs = [GraphJob(stage, transcoders, p, logit_share, max_logits, batch_rows, max_batch_tokens, max_feature_rows)
+            for p in prompts]
     return pool.map(graph_of, jobs, desc="attribution graphs", in_flight=1)
 

@@ -22,23 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lensflow.tasks.circuits.attribution import Graph
-
-
-def normalised(adjacency: torch.Tensor) -> torch.Tensor:
-    a = adjacency.abs().double()
-    return a / a.sum(1, keepdim=True).clamp_min(1e-12)
-
-
-def influence(w: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """weights (W + W^2 + ...): each power is one path length more; stops when the paths run out."""
-    total = torch.zeros_like(weights)
-    current = weights @ w
-    for _ in range(w.shape[0] + 1):
-        if not current.any():
-            return total
-        total += current
-        current = current @ w
-    raise RuntimeError("influence did not converge: the adjacency matrix has a cycle")
+from lensflow.tasks.circuits.influence import influence, normalised
 
 
 def _cut(scores: torch.Tensor, share: float) -> torch.Tensor:
