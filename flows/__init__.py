@@ -4,6 +4,21 @@ which names, is lensflow.tasks.registry's table."""
 
 from __future__ import annotations
 
+import os
+
+# Set before Prefect and MLflow are first imported (this package is, before the CLI module): Prefect reads its
+# settings once, at import.
+# No analytics calls from a closed network, and room for a slow first start.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow's HTTP client retries 7 times with back-off factor 2 and a 120 s timeout: minutes before a dead tracking
+# server is reported. 3 tries at 0, 2 and 4 s (plus jitter) fail a dead server in under 10 s.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
 from collections.abc import Callable
 from typing import Any
 

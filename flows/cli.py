@@ -12,22 +12,11 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-# Prefect reads these at import: no analytics calls from a closed network, and room for a slow first start.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# MLflow's HTTP client retries 7 times with back-off factor 2 and a 120 s timeout: minutes before a dead tracking
-# server is reported. 3 tries at 0, 2 and 4 s (plus jitter) fail a dead server in under 10 s.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-from lensflow.tasks.core.config import ConfigError, public_overrides  # noqa: E402
-from lensflow.tasks.core.preflight import preflight  # noqa: E402
-from lensflow.tasks.core.redact import redact_tree  # noqa: E402
-from lensflow.tasks.core.tracking import close_open_runs, outage  # noqa: E402
-from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config  # noqa: E402
+from lensflow.tasks.core.config import Config, ConfigError, public_overrides
+from lensflow.tasks.core.preflight import preflight
+from lensflow.tasks.core.redact import redact_tree
+from lensflow.tasks.core.tracking import close_open_runs, outage
+from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config
 
 T = TypeVar("T")
 STOP_WAIT_S = 2.0  # for each of Ray and the Prefect server to stop, once a run is stopped
@@ -110,6 +99,43 @@ def _stoppable(fn: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _start_services(conf: Config) -> Callable[[], None]:
+    """Start Prefect's temporary server and the local Ray (or the cluster connection) side by side while the flow's
+    modules import; the returned call waits for both. Each start mostly waits on processes of its own, which one
+    after the other were about 9 s of a 2-prompt run. A start that fails here is left to the flow, which starts it
+    again and reports the error in its own words.
+
+    The starting threads stay parked until the process exits: Ray's local processes die with the thread that
+    started them (PR_SET_PDEATHSIG), not with the process."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    from lensflow.tasks.core.actors import connect
+
+    starts: list[Callable[[], object]] = [lambda: connect(conf.ray)]
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        starts.append(SubprocessASGIServer().start)  # the instance the flow's client finds; start() is idempotent
+    done = [threading.Event() for _ in starts]
+
+    def start_and_park(start: Callable[[], object], started: threading.Event) -> None:
+        try:
+            start()
+        except Exception:  # noqa: BLE001 - the flow's own start reports it
+            pass
+        started.set()
+        threading.Event().wait()
+
+    for start, started in zip(starts, done):
+        threading.Thread(target=start_and_park, args=(start, started), name="lensflow-start", daemon=True).start()
+
+    def wait() -> None:
+        for started in done:
+            while not started.wait(0.2):  # Ctrl-C still reaches the main thread
+                pass
+
+    return wait
 
 
 def _leave_now(code: int) -> NoReturn:
@@ -215,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             exp = experiment(args.flow)
             preflight(exp.resolved(conf), exp.check_inputs)  # layer keys against the model the flow runs
             _one_line_errors()
+            started = _start_services(conf)
             flow = exp.flow_function()
+            started()
             result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
