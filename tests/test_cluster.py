@@ -284,7 +284,7 @@ def test_node_loss_mid_extraction_completes_and_node_is_used_again(cluster):
     texts = builtin_texts(LOSS_PROMPTS)
     result: dict = {}
     with ModelPool(conf) as pool:
-        first = nodes_in_use(pool, time.monotonic() + 30)
+        first = nodes_in_use(pool, time.monotonic() + 90)
         assert len(first) == 2  # one actor per node
         stage, _ = extraction.plan(conf, texts, pool.describe(), "loss")  # describe() now: map is not thread-safe
         worker = threading.Thread(target=lambda: result.update(ex=extraction.extract(conf, texts, pool, label="loss")))
@@ -362,7 +362,7 @@ def test_auto_actors_go_on_with_fewer_after_a_node_is_lost_for_good_then_grow(cl
     result: dict = {}
     with ModelPool(conf) as pool:
         assert pool.size == 2  # the free room: 1 CPU on each node
-        assert len(nodes_in_use(pool, time.monotonic() + 30)) == 2
+        assert len(nodes_in_use(pool, time.monotonic() + 90)) == 2
         stage, _ = extraction.plan(conf, texts, pool.describe(), "loss")
         worker = threading.Thread(target=lambda: result.update(ex=extraction.extract(conf, texts, pool, label="loss")))
         worker.start()
