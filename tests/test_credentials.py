@@ -108,7 +108,7 @@ def test_shared_weights_identity_and_round_trip(tmp_path):
 
 
 def test_gpu_slots_taken_from_the_prefect_limit_only_when_named():
-    """ray.gpu_limit: a run holds its starting GPUs (ray.actors, or ray.min_actors with auto) in a Prefect global
+    """ray.gpu_limit: a run holds its GPUs (ray.actors, or ray.max_actors with auto) in a Prefect global
     concurrency limit; without a limit, or without GPUs, nothing is asked of Prefect."""
     from contextlib import nullcontext
 
@@ -118,7 +118,7 @@ def test_gpu_slots_taken_from_the_prefect_limit_only_when_named():
         return load_config(None, list(sets)).ray
 
     assert gpus_wanted(ray("ray.actors=8", "ray.gpus_per_actor=1")) == 8
-    assert gpus_wanted(ray("ray.actors=auto", "ray.min_actors=2", "ray.gpus_per_actor=2")) == 4
+    assert gpus_wanted(ray("ray.actors=auto", "ray.max_actors=3", "ray.gpus_per_actor=2")) == 6  # as far as it grows
     assert gpus_wanted(ray("ray.actors=4")) == 0  # gpus_per_actor auto: no GPU promised
     assert isinstance(gpu_slots(ray("ray.actors=8", "ray.gpus_per_actor=1")), nullcontext)
     assert isinstance(gpu_slots(ray("ray.gpu_limit=gpus", "ray.actors=2", "ray.gpus_per_actor=0")), nullcontext)

@@ -126,7 +126,8 @@ class RayConf(Section):
     min_actors: int = Field(default=1, gt=0)
     max_actors: int = Field(default=64, gt=0)
     # a Prefect global concurrency limit holding the cluster's GPU count (`prefect gcl create NAME --limit 8`): a run
-    # takes its GPUs from it before its actors start, and waits up to ray.timeout_s when another run holds them
+    # takes its GPUs (with actors=auto: max_actors' worth) from it before its actors start, and waits up to
+    # ray.timeout_s while other runs hold them
     gpu_limit: str = ""
     # where model actors find the model once per cluster (tasks/core/weights.py): "" = {store.root}/models, another
     # fsspec URL or shared folder, or "none" (each actor loads from the source: the Hub, the driver's folder)

@@ -23,9 +23,11 @@ class Session:
 
 
 def gpus_wanted(rc: RayConf) -> float:
-    """The GPUs a run's actors take at start (ray.actors=auto: its minimum); 0 where gpus_per_actor is auto."""
+    """The most GPUs a run's actors may take (ray.actors=auto: ray.max_actors of them, as the pool may grow that
+    far); 0 where gpus_per_actor is auto. Holding the most keeps a second run from starting on a cluster the first
+    has filled (it would find no free GPU for its actors)."""
     per_actor = 0.0 if rc.gpus_per_actor == "auto" else float(rc.gpus_per_actor)
-    return per_actor * (rc.min_actors if rc.actors == "auto" else rc.actors)
+    return per_actor * (rc.max_actors if rc.actors == "auto" else rc.actors)
 
 
 def gpu_slots(rc: RayConf) -> ContextManager[object]:
