@@ -95,8 +95,12 @@ feature for its page. Blue: positive effect, red: negative; width: |weight|.</p>
 """
 
 
+PNG_EDGES = 1500
+
+
 def graph_figure(data: dict):
-    """The same layout as a matplotlib figure (edges by |weight|, supernodes as labelled boxes)."""
+    """The same layout as a matplotlib figure (the PNG_EDGES strongest edges by |weight|, supernodes as labelled
+    boxes)."""
     m = data["metadata"]
     n_layers, toks = m["n_layers"], m["prompt_tokens"]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(toks) + 2), 0.42 * (n_layers + 3) + 1.5))
@@ -113,6 +117,7 @@ def graph_figure(data: dict):
             pos[n["node_id"]] = (p + (i - (len(ns) - 1) / 2) * min(0.1, 0.8 / len(ns)), r)
     wmax = max((abs(l["weight"]) for l in data["links"]), default=1.0) or 1.0
     links = sorted((l for l in data["links"] if l["source"] in pos and l["target"] in pos), key=lambda l: abs(l["weight"]))
+    links = links[-PNG_EDGES:]  # the strongest: tens of thousands of hairlines hide the structure
     rel = [abs(l["weight"]) / wmax for l in links]
     colors = [(0.23, 0.43, 0.65, 0.25 + 0.6 * r) if l["weight"] >= 0 else (0.75, 0.22, 0.17, 0.25 + 0.6 * r)
               for l, r in zip(links, rel)]
@@ -139,6 +144,7 @@ def graph_figure(data: dict):
     ax.set_yticks(range(n_layers + 2), ["tokens", *[f"L{l}" for l in range(n_layers)], "logits"], fontsize=7)
     ax.set_xlim(-0.7, len(toks) - 0.3)
     ax.set_title(f"{m['scan']}: {m['prompt']}\nreplacement {m['replacement_score']:.3f}, completeness "
-                 f"{m['completeness_score']:.3f}", fontsize=9)
+                 f"{m['completeness_score']:.3f}; the {len(links)} strongest of {len(data['links'])} edges",
+                 fontsize=9)
     fig.tight_layout()
     return fig
