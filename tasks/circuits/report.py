@@ -26,7 +26,7 @@ OUT_DIR = Path(".lensflow/graphs")
 
 
 def slug(prompt: str) -> str:
-    s = re.sub(r"[^\w]+", "_", prompt, flags=re.UNICODE).strip("_").lower()
+    s = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_").lower()  # MLflow keys and file names: ASCII
     return (s[:48] or "prompt") + "_" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
 
 
