@@ -17,7 +17,8 @@ import zarr
 
 from lensflow.tasks.core import extraction
 from lensflow.tasks.core.actors import ModelPool
-from lensflow.tasks.core.models import load_model, tiny_config, tiny_tokenizer
+from lensflow.tasks.core.config import ModelConf
+from lensflow.tasks.core.models import load_model, tiny_config, tiny_tokenizer, tokenizer_hash
 from lensflow.tasks.core.prompts import builtin_texts
 from lensflow.tasks.core.stages import Item, ModelId, Stage, fingerprint
 
@@ -142,3 +143,13 @@ def test_two_concurrent_runs_share_one_store_equal_to_a_clean_run(tmp_path, trac
     assert g.attrs["complete"] and (g["done"][:] == 1).all()
     for name in ("resid", "token_ids", "lengths"):
         assert np.array_equal(g[name][:], w[name][:]), name
+
+
+def test_model_identity_is_fixed_at_load(tiny_lms):
+    """A padded, truncated encode rewrites the tokenizer's serialised form (and so its hash): the identity stages are
+    keyed by is the loaded model's, whatever the actor encoded before it was first asked."""
+    lm = load_model(ModelConf(name="tiny-llama"))
+    before = tokenizer_hash(lm.tokenizer)
+    lm.tokenizer(["hello there", "a"], padding=True, truncation=True, max_length=3)
+    assert tokenizer_hash(lm.tokenizer) != before  # what made two actors of one model disagree
+    assert lm.id.tokenizer_hash == before == tiny_lms["llama"].id.tokenizer_hash

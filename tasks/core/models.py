@@ -515,5 +515,7 @@ def load_model(conf: ModelConf, seed: int = 0, weights: str | None = None) -> LM
     tok.padding_side = "right"
     model.config.use_cache = False  # a KV cache only where a forward asks for one (use_cache=True) and reuses it
     place(model.eval().requires_grad_(False), device)
-    return LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec,
-              revision=None if name in EMBEDDED or name.startswith(TINY_PREFIX) else conf.revision)
+    lm = LM(model=model, tokenizer=tok, name=name, weights_hash=str(weights_hash), spec=spec,
+            revision=None if name in EMBEDDED or name.startswith(TINY_PREFIX) else conf.revision)
+    lm.id  # fixed now, as loaded: the tokenizer's serialised form (its hash) changes once it pads or truncates
+    return lm
