@@ -1,7 +1,8 @@
 """The attribution graph for people: a self-contained interactive HTML page (no network, no external script) and a
 PNG chart, both placing nodes by position (x) and layer (y: tokens at the bottom, logits on top).
 
-The page draws the pruned graph as SVG: edge width by |weight|, blue positive and red negative; hovering a node
+The page draws the pruned graph as SVG: edge width by |weight|, blue positive and red negative, a slider for the share
+of the strongest edges shown (10% at first: tens of thousands of edges hide the structure); hovering a node
 shows its kind, activation, influence and its strongest incoming and outgoing edges with their weights; clicking a
 feature opens its feature page (a relative link, `features/layer_LL/feature_NNNNN.html`); supernodes are drawn as
 labelled boxes around their members.
@@ -52,7 +53,13 @@ G.links.forEach(l => { const a = pos[l.source], b = pos[l.target]; if (!a || !b)
   const e = el('line', {x1: a[0], y1: a[1], x2: b[0], y2: b[1], 'stroke-width': 0.3 + 4 * Math.abs(l.weight) / maxW,
     stroke: l.weight >= 0 ? '#3a6ea5' : '#c0392b', class: 'edge'});
   const t = el('title', {}); t.textContent = `${l.source} -> ${l.target}: ${l.weight.toFixed(4)}`; e.appendChild(t);
-  e.dataset.s = l.source; e.dataset.t = l.target; edges.push(e); svg.appendChild(e); });
+  e.dataset.s = l.source; e.dataset.t = l.target; e.dataset.w = Math.abs(l.weight); edges.push(e);
+  svg.appendChild(e); });
+const order = edges.slice().sort((a, b) => +b.dataset.w - +a.dataset.w), slider = document.getElementById('share');
+const showEdges = () => { const n = Math.ceil(order.length * slider.value / 100);
+  order.forEach((e, i) => { e.style.display = i < n ? '' : 'none'; });
+  document.getElementById('shown').textContent = `${n} of ${order.length} edges`; };
+slider.addEventListener('input', showEdges); showEdges();
 const fmt = x => x === null || x === undefined ? '-' : (+x).toFixed(4);
 G.nodes.forEach(n => { const [x, y] = pos[n.node_id];
   const c = el('circle', {cx: x, cy: y, r: n.feature_type === 'cross layer transcoder' ? 5 : 7,
@@ -89,7 +96,8 @@ def graph_html(data: dict) -> str:
 {len(data['nodes'])} nodes and {len(data['links'])} edges kept (node threshold {m['node_threshold']}, edge threshold
 {m['edge_threshold']}; {m['n_features_unpruned']} active features before pruning). Hover a node for its edges; click a
 feature for its page. Blue: positive effect, red: negative; width: |weight|.</p>
-<div id="info"></div><div id="wrap"><svg id="g" xmlns="http://www.w3.org/2000/svg"></svg></div>
+<label>strongest edges shown: <input id="share" type="range" min="1" max="100" value="10"> <span id="shown"></span>
+</label><div id="info"></div><div id="wrap"><svg id="g" xmlns="http://www.w3.org/2000/svg"></svg></div>
 <script id="graph-data" type="application/json">{payload}</script>
 <script>const COLORS = {colors};{_SCRIPT}</script></body></html>
 """
