@@ -297,3 +297,27 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
     check_inputs(conf, [PROMPT])
     with pytest.raises(ConfigError, match="circuits.transcoders"):
         check_inputs(load_config(None, ["model.name=tiny-gemma3", f"circuits.transcoders={other}"]), [PROMPT])
+
+
+def test_transcoder_stage_trains_a_group_in_one_pass_and_resumes(tmp_path):
+    from lensflow.tasks.core.dictionaries.transcoder_stage import (
+        TranscoderConf,
+        TranscoderJob,
+        load_transcoders,
+        train_group,
+        transcoder_stage,
+    )
+
+    lm = load_model(ModelConf(name="tiny-llama"))
+    conf = TranscoderConf(width=32, k=4, steps=5, batch_tokens=16, max_tokens=12)
+    texts = [f"text number {i} about cats and dogs" for i in range(12)]
+    stage = transcoder_stage(str(tmp_path), lm.id, conf, texts)
+    job = TranscoderJob(stage, lm.id, (0, 1, 2, 3), conf.model_dump(), tuple(texts))
+    first = train_group(lm, job)
+    assert [t.layer for t in first] == [0, 1, 2, 3] and all(t.trained for t in first)
+    assert all(0 < t.metrics["l0"] <= 4 for t in first)
+    again = train_group(lm, job)  # published: found, not trained
+    assert not any(t.trained for t in again) and [t.metrics for t in again] == [t.metrics for t in first]
+    tcs = load_transcoders(stage.url, lm.id, lm.n_layers)
+    x = torch.randn(3, lm.d_model)
+    torch.testing.assert_close(tcs[2](x)[0], tcs[2].decode(tcs[2].encode(x)))

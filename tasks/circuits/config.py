@@ -39,7 +39,6 @@ class CircuitsConf(Section):
     layers: list[Annotated[int, Field(ge=0)]] | None = None  # blocks edited; None = the middle third
     group_size: int = Field(default=8, gt=0)  # features per group (language, operand, operation)
     strength: float = Field(default=1.0, ge=0)  # injected groups at strength x their mean activation; sweepable
-    mode: Literal["add", "scale"] = "add"
     seed: int = 0
 
     def layer_list(self, n_layers: int) -> list[int]:
