@@ -38,7 +38,7 @@ class Settings:
     betas: tuple[float, ...]
     ranks: tuple[int, ...]
     max_pairs: int
-    jacobian_rows: int = 576  # memory only
+    jacobian_rows: int = 96  # memory only (LreConf.jacobian_rows)
 
     def key_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "jacobian_rows"}
