@@ -12,9 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from local_pool import LocalPool
 
 from lensflow.tasks.core.config import ConfigError
-from lensflow.tasks.core.models import ModelInfo, describe
+from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.stages import ModelId
 from lensflow.tasks.function_vectors import evaluation as fv_evaluation
 from lensflow.tasks.function_vectors import patching as fv_patching
@@ -43,17 +44,6 @@ SMALL = ["function_vectors.n_shots=3", "function_vectors.n_clean=2", "function_v
          "function_vectors.filter_correct=false", "function_vectors.layer_scan_stride=2"]
 
 
-class LocalPool:
-    """ModelPool's interface, run in this process on one model."""
-
-    def __init__(self, lm):
-        self.lm = lm
-
-    def describe(self) -> ModelInfo:
-        return describe(self.lm)
-
-    def map(self, fn, items, desc=""):
-        return [fn(self.lm, item) for item in items]
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from local_pool import LocalPool
 
 from lensflow.tasks.core.config import ModelConf
-from lensflow.tasks.core.models import describe, load_model
+from lensflow.tasks.core.models import load_model
 from lensflow.tasks.multilingual.neurons import (
     NeuronJob,
     neuron_active_sets,
@@ -23,18 +24,6 @@ from lensflow.tasks.multilingual.plan import load_inputs
 TEXTS = ["the cat sat on the mat", "le chat", "un gato grande y negro en la casa", "der Hund schläft", "a b c d e f"]
 
 
-class LocalPool:
-    """ModelPool's interface over one in-process model; counts the items it was asked to run."""
-
-    def __init__(self, lm):
-        self.lm, self.items = lm, 0
-
-    def describe(self):
-        return describe(self.lm)
-
-    def map(self, fn, items, desc=""):
-        self.items += len(items)
-        return [fn(self.lm, item) for item in items]
 
 
 @pytest.fixture(scope="module")

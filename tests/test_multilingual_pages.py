@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from local_pool import LocalPool
 
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.dictionaries.autoencoder import SparseAutoencoder
@@ -22,7 +23,7 @@ from lensflow.tasks.core.dictionaries.pages import (
     write_site,
 )
 from lensflow.tasks.core.extraction import extract
-from lensflow.tasks.core.models import describe, load_model
+from lensflow.tasks.core.models import load_model
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.multilingual.features import feature_pages, page_jobs
 from lensflow.tasks.registry import load_config
@@ -32,15 +33,6 @@ TEXTS = {"en": ["the black cat sleeps on the warm mat", "a dog runs", "rain fall
          "fr": ["le chat noir dort sur le tapis", "un chien court vite", "il pleut sur la vieille ville"]}
 
 
-class LocalPool:
-    def __init__(self, lm):
-        self.lm = lm
-
-    def describe(self):
-        return describe(self.lm)
-
-    def map(self, fn, items, desc=""):
-        return [fn(self.lm, item) for item in items]
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from local_pool import LocalPool
 
 from lensflow.tasks.core.config import ConfigError, ModelConf
 from lensflow.tasks.core.extraction import extract
-from lensflow.tasks.core.models import describe, load_model
+from lensflow.tasks.core.models import load_model
 from lensflow.tasks.core.store import Activations
 from lensflow.tasks.multilingual.sae import token_blocks
 from lensflow.tasks.registry import load_config
@@ -23,15 +24,6 @@ BLOCKS = [1, 3]
 MLP_OUT = {"llama": "mlp", "gemma3": "post_feedforward_layernorm"}
 
 
-class LocalPool:
-    def __init__(self, lm):
-        self.lm = lm
-
-    def describe(self):
-        return describe(self.lm)
-
-    def map(self, fn, items, desc=""):
-        return [fn(self.lm, item) for item in items]
 
 
 def _by_hand(lm, family: str, text: str) -> dict[tuple[str, int], torch.Tensor]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from local_pool import LocalPool
 
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.dictionaries.pages import layer_pages, store_codes
 from lensflow.tasks.core.dictionaries.transcoder import Transcoder
 from lensflow.tasks.core.extraction import extract
-from lensflow.tasks.core.models import describe, load_model
+from lensflow.tasks.core.models import load_model
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.core.store import Activations
 from lensflow.tasks.multilingual.overlap import derangement
@@ -30,15 +31,6 @@ TEXTS = {"en": ["the black cat sleeps", "a dog runs fast", "rain falls on the to
          "fr": ["le chat noir dort", "un chien court vite", "il pleut sur la ville", "nous mangeons du pain"]}
 
 
-class LocalPool:
-    def __init__(self, lm):
-        self.lm = lm
-
-    def describe(self):
-        return describe(self.lm)
-
-    def map(self, fn, items, desc=""):
-        return [fn(self.lm, item) for item in items]
 
 
 def _pairs_by_hand(lm, text: str) -> tuple[torch.Tensor, torch.Tensor]:
