@@ -243,7 +243,9 @@ def test_graph_files_follow_the_schema(tiny, tmp_path):
     g = attribute(lm, tcs, PROMPT, batch_rows=64)
     feats = g.features[:2].tolist()
     files, fig = write_graph(g, lm.name, "store/dictionaries/transcoders/KEY", 0.8, 0.98,
-                             {"pair": [(l, f) for l, _, f in feats]}, out_dir=tmp_path)
+                             {"pair": [(l, f) for l, _, f in feats]}, out_dir=tmp_path,
+                             proposed={"multilingual": [tuple(feats[1][::2])]})
+    assert (tmp_path / files.slug / "supernodes.proposed.yaml").read_text() == f"multilingual:\n- {feats[1][0]}:{feats[1][2]}\n"
     data = json.loads(open(files.json, encoding="utf-8").read())
     ids = {n["node_id"] for n in data["nodes"]}
     assert data["metadata"]["schema"] == "lensflow-attribution-graph/1"
@@ -321,3 +323,68 @@ def test_transcoder_stage_trains_a_group_in_one_pass_and_resumes(tmp_path):
     tcs = load_transcoders(stage.url, lm.id, lm.n_layers)
     x = torch.randn(3, lm.d_model)
     torch.testing.assert_close(tcs[2](x)[0], tcs[2].decode(tcs[2].encode(x)))
+
+
+def _page(layer: int, feature: int, rates: dict[str, float], top: list[str] = (), peaks: list[str] = ()):
+    from lensflow.tasks.core.dictionaries.pages import Context, FeaturePage, LanguageProfile
+
+    langs = ("en", "fr", "es", "de", "zh")
+    profile = {s: LanguageProfile(100, rates.get(s, 0.0), rates.get(s, 0.0), 0.0) for s in langs}
+    ctx = [Context("en", i, 1, 1.0, ["a", t, "b"], [0.0, 1.0, 0.0], 1) for i, t in enumerate(peaks)]
+    # kind "dense" on purpose: the proposal must come from the profile, not from the page's index list
+    return FeaturePage(layer, feature, "dense", 0.1, profile, ctx, [(t, 1.0) for t in top])
+
+
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
+def test_proposed_supernodes_from_page_data(tiny, tmp_path):
+    from lensflow.tasks.circuits.graph_json import graph_json, node_ids
+    from lensflow.tasks.circuits.graph_page import graph_html
+    from lensflow.tasks.circuits.proposed import graph_features, propose, to_yaml
+    from lensflow.tasks.circuits.supernodes import graph_members, load_supernodes
+    from lensflow.tasks.core.dictionaries.pages import LayerPages
+
+    lm, tcs = tiny
+    g = attribute(lm, tcs, PROMPT, batch_rows=64)
+    keep = prune(g, 0.8, 0.98).nodes[:g.n_features]
+    kept = sorted({(l, f) for (l, _, f), k in zip(g.features.tolist(), keep.tolist()) if k})
+    feats = kept[:6]  # kept after pruning, so every group has nodes on the page
+    assert len(feats) == 6
+    rates = [{"en": .5, "fr": .1, "es": .1, "de": .1, "zh": .1},  # active everywhere: multilingual despite 5x on en
+             {"en": .4, "fr": .2},  # exactly 2x: English-specific
+             {"en": .3, "fr": .2},  # 1.5x: neither
+             {"zh": .3},  # Chinese only
+             {s: .2 for s in ("en", "fr", "es", "de", "zh")},
+             {}]
+    tops = [[], ["peti"], ["sm", "hotter"], [], ["\u2581chaud"], []]  # "peti": a leading piece of "petit"
+    peaks = [[], [], [], [], [], ["Hot"]]
+    pages = [_page(l, f, r, t, p) for (l, f), r, t, p in zip(feats, rates, tops, peaks)]
+    absent = next((0, f) for f in range(96) if (0, f) not in set(graph_features(g.features)))
+    pages.append(_page(*absent, {"en": .9}, ["hot"]))  # not active in this graph: in no group
+    by_layer = [LayerPages(l, "transcoder", 96, 0.0, [p for p in pages if p.layer == l]) for l in range(lm.n_layers)]
+    operands = {"hot": ["hot", "chaud", "caliente", "heiß", "热"], "small": ["small", "petit", "pequeño", "klein", "小"]}
+    got = propose(by_layer, graph_features(g.features), operands)
+
+    # independently: the rule written out on the hand-built rates
+    want: dict[str, list] = {}
+    for (l, f), r in zip(feats, rates):
+        full = {s: r.get(s, 0.0) for s in ("en", "fr", "es", "de", "zh")}
+        if min(full.values()) > 0:
+            want.setdefault("multilingual", []).append((l, f))
+            continue
+        for s, v in full.items():
+            if v > 0 and v >= 2 * max(x for t, x in full.items() if t != s):
+                want.setdefault(f"language-specific:{s}", []).append((l, f))
+    want["operand:hot"] = [feats[4], feats[5]]
+    want["operand:small"] = [feats[1]]
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
+    assert got["multilingual"] == sorted([feats[0], feats[4]]) and got["language-specific:zh"] == [feats[3]]
+
+    # the user's YAML format, read back by the user's loader; drawn as groups on the graph page
+    path = tmp_path / "proposed.yaml"
+    path.write_text(to_yaml(got), encoding="utf-8")
+    assert load_supernodes(path, lm.n_layers, 96) == got
+    pruned = prune(g, 0.8, 0.98)
+    kept_ids = [n for n, k in zip(node_ids(g), pruned.nodes.tolist()) if k]
+    data = graph_json(g, pruned, scores(g), lm.name, "KEY", 0.8, 0.98, graph_members(got, kept_ids))
+    assert {name for name, *_ in data["qParams"]["supernodes"]} == set(got)  # (write_graph: the schema test)
+    assert "operand:hot" in graph_html(data)

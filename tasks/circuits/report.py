@@ -16,6 +16,7 @@ import numpy as np
 from lensflow.tasks.circuits.attribution import Graph
 from lensflow.tasks.circuits.graph_json import graph_json, node_ids
 from lensflow.tasks.circuits.graph_page import graph_figure, graph_html
+from lensflow.tasks.circuits.proposed import to_yaml
 from lensflow.tasks.circuits.pruning import prune, scores
 from lensflow.tasks.circuits.supernodes import Supernodes, graph_members
 from lensflow.tasks.circuits.swaps import EXPERIMENTS, Outcome
@@ -45,15 +46,20 @@ class GraphFiles:
 
 
 def write_graph(g: Graph, model: str, transcoders: str, node_threshold: float, edge_threshold: float,
-                supernodes: Supernodes | None = None, out_dir: Path = OUT_DIR) -> tuple[GraphFiles, object]:
-    """Prune, score and write one graph's JSON, HTML and PNG into out_dir/<slug>/ (the figure is returned open)."""
+                supernodes: Supernodes | None = None, out_dir: Path = OUT_DIR,
+                proposed: Supernodes | None = None) -> tuple[GraphFiles, object]:
+    """Prune, score and write one graph's JSON, HTML and PNG into out_dir/<slug>/ (the figure is returned open).
+    `proposed` (tasks.circuits.proposed): drawn beside the user's supernodes (the user's name wins a clash) and
+    written as supernodes.proposed.yaml, the user's format, to edit and give back as circuits.supernodes."""
     pruned, s = prune(g, node_threshold, edge_threshold), scores(g)
     name = slug(g.prompt)
     kept = [n for n, keep in zip(node_ids(g), pruned.nodes.tolist()) if keep]
-    groups = graph_members(supernodes or {}, kept)
+    groups = graph_members({**(proposed or {}), **(supernodes or {})}, kept)
     data = graph_json(g, pruned, s, model, transcoders, node_threshold, edge_threshold, groups, name)
     folder = out_dir / name
     folder.mkdir(parents=True, exist_ok=True)
+    if proposed:
+        (folder / "supernodes.proposed.yaml").write_text(to_yaml(proposed), encoding="utf-8")
     paths = {"json": folder / "graph.json", "html": folder / "graph.html", "png": folder / "graph.png"}
     paths["json"].write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
     paths["html"].write_text(graph_html(data), encoding="utf-8")
