@@ -286,7 +286,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
     other = _publish_transcoders(tmp_path / "other", "tiny-llama")
     cases = [(_cli(tmp_path, ""), "prompt ''"),
              (_cli(tmp_path, PROMPT, "--set", f"circuits.supernodes={supernodes}"), "groups.yaml: supernode 'language'"),
-             (_cli(tmp_path, PROMPT, "--set", f"circuits.transcoders={other}"), "circuits.transcoders")]
+             (_cli(tmp_path, PROMPT, "--set", f"circuits.transcoders={other}"), "circuits.transcoders"),
+             (_cli(tmp_path, PROMPT, "--set", "circuits.max_graph_mb=0.5"), "over circuits.max_graph_mb=0.5")]
     for argv, needle in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -388,3 +389,21 @@ def test_proposed_supernodes_from_page_data(tiny, tmp_path):
     data = graph_json(g, pruned, scores(g), lm.name, "KEY", 0.8, 0.98, graph_members(got, kept_ids))
     assert {name for name, *_ in data["qParams"]["supernodes"]} == set(got)  # (write_graph: the schema test)
     assert "operand:hot" in graph_html(data)
+
+
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
+def test_long_prompt_chunks_equal_one_pass_and_the_budget_refuses(tiny):
+    from lensflow.tasks.circuits.attribution import BYTES_PER_CELL, max_nodes
+
+    lm, tcs = tiny
+    prompt = "abc def ghi"
+    whole = attribute(lm, tcs, prompt, batch_rows=512)  # every target row in one backward pass
+    S = whole.n_pos
+    chunked = attribute(lm, tcs, prompt, batch_rows=512, max_batch_tokens=3 * S)  # 3 rows per pass
+    torch.testing.assert_close(chunked.adjacency, whole.adjacency, atol=1e-6, rtol=0)
+    assert whole.size <= max_nodes(lm.n_layers, S, 6, len(whole.logit_tokens))  # the upfront bound holds
+    need = BYTES_PER_CELL * whole.size ** 2 / 2**20  # MiB, counted here from the node count
+    attribute(lm, tcs, prompt, batch_rows=512, max_feature_rows=1, max_graph_mb=need * 1.01)
+    with pytest.raises(ConfigError, match="circuits.max_graph_mb") as err:
+        attribute(lm, tcs, prompt, batch_rows=512, max_feature_rows=1, max_graph_mb=need * 0.99)
+    assert len(str(err.value).splitlines()) == 1 and f"{whole.size} graph nodes" in str(err.value)

@@ -147,6 +147,31 @@ def top_logits(logits: torch.Tensor, share: float, max_logits: int) -> tuple[lis
     return idx[:n].tolist(), p[:n].float()
 
 
+# The graph is a dense [n, n] float32 adjacency, and pruning (tasks.circuits.pruning) holds float64 normalised copies
+# and edge scores of it beside a bool edge mask: about this many bytes per cell at the peak (so n^2 dominates the
+# memory of a long prompt: n grows with tokens x layers x k, the per-pass memory is bounded by max_batch_tokens).
+BYTES_PER_CELL = 36
+
+
+def graph_mib(n: int) -> float:
+    """Estimated peak memory (MiB) of a graph of n nodes, attribution and pruning."""
+    return BYTES_PER_CELL * n * n / 2**20
+
+
+def max_nodes(n_layers: int, n_tokens: int, k: int, max_logits: int) -> int:
+    """The most nodes a prompt's graph can have with TopK transcoders (at most k features per layer and position,
+    none at position 0), before the transcoders run."""
+    return n_layers * (n_tokens - 1) * k + n_layers * n_tokens + n_tokens + max_logits
+
+
+def check_budget(prompt: str, n_tokens: int, n: int, max_graph_mb: float | None, exact: bool = True) -> None:
+    """One line naming circuits.max_graph_mb when the graph's dense matrix would not fit the budget."""
+    if max_graph_mb is not None and graph_mib(n) > max_graph_mb:
+        raise ConfigError(f"prompt {prompt[:40]!r}: {n_tokens} tokens give {'' if exact else 'up to '}{n} graph nodes, "
+                          f"about {graph_mib(n):.0f} MiB dense, over circuits.max_graph_mb={max_graph_mb:g}; "
+                          "shorten the prompt or raise circuits.max_graph_mb")
+
+
 @dataclass(frozen=True)
 class Target:
     layer: int  # a block index for a feature; n_layers for a logit
@@ -182,12 +207,13 @@ def _pass(lm: LM, rep: Replacement, targets: list[Target]) -> tuple[list[torch.T
 
 def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_share: float = 0.95,
               max_logits: int = 10, batch_rows: int = 64, max_batch_tokens: int | None = None,
-              max_feature_rows: int | None = None) -> Graph:
+              max_feature_rows: int | None = None, max_graph_mb: float | None = None) -> Graph:
     """The (unpruned) attribution graph of `prompt`. max_batch_tokens caps rows x tokens of one pass, so a long
     prompt gets fewer targets per backward pass instead of running out of memory. max_feature_rows: compute the
     incoming edges of at most this many features (None: every one), chosen as circuit-tracer does: after the logits'
     rows, each next batch is the uncomputed features with the most influence on the logits through the rows known
-    so far; every feature stays a node (a source of edges) either way, and every computed row is exact."""
+    so far; every feature stays a node (a source of edges) either way, and every computed row is exact.
+    max_graph_mb: refuse (ConfigError) a prompt whose dense graph would need more, before it is allocated."""
     check_transcoders(lm, transcoders)
     ids = tokenize(lm, prompt)
     L, S = lm.n_layers, ids.shape[1]
@@ -204,6 +230,7 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
         n_f = len(feats)
         n = n_f + L * S + S + len(logit_ids)
         logit_rows = list(range(n_f + L * S + S, n))
+        check_budget(prompt, S, n, max_graph_mb)
 
         def target(row: int) -> Target:
             if row >= n_f:

@@ -4,7 +4,7 @@ already), the supernode file, and that every prompt tokenises into the positions
 
 from __future__ import annotations
 
-from lensflow.tasks.circuits.attribution import MIN_POSITIONS
+from lensflow.tasks.circuits.attribution import MIN_POSITIONS, check_budget, max_nodes
 from lensflow.tasks.core.config import Config, ConfigError, ModelConf
 from lensflow.tasks.core.dictionaries.transcoder_stage import load_transcoders
 from lensflow.tasks.core.models import (
@@ -31,13 +31,18 @@ def driver_tokenizer(conf: ModelConf):
                                          trust_remote_code=conf.trust_remote_code)
 
 
-def check_prompts(conf: Config, prompts: list[str]) -> None:
+def check_prompts(conf: Config, prompts: list[str], n_layers: int | None = None, k: int | None = None) -> None:
+    """Every prompt tokenises into the positions a graph needs and (given n_layers and the transcoders' k) its graph,
+    at its largest, fits circuits.max_graph_mb."""
+    cc = conf.circuits
     tok = driver_tokenizer(conf.model)
     for p in prompts:
         n = len(tok(p).input_ids)
         if n < MIN_POSITIONS:
             raise ConfigError(f"prompt {p!r}: {n} token(s) for {conf.model.name}; a graph needs at least "
                               f"{MIN_POSITIONS} positions (a token to attribute from and the one predicting next)")
+        if n_layers is not None and k is not None:
+            check_budget(p, n, max_nodes(n_layers, n, k, cc.max_logits), cc.max_graph_mb, exact=False)
 
 
 def driver_model_id(conf: ModelConf) -> ModelId | None:
@@ -56,12 +61,23 @@ def transcoder_width(conf: Config) -> int:
     cc = conf.circuits
     if cc.transcoders is None:
         return cc.transcoder.width
+    return int(_first_layer(conf).tensors["W_dec"].shape[0])
+
+
+def transcoder_k(conf: Config) -> int:
+    """Active features per token of the transcoders: the named folder's, else the configured k."""
+    cc = conf.circuits
+    return cc.transcoder.k if cc.transcoders is None else int(_first_layer(conf).tensors["k"])
+
+
+def _first_layer(conf: Config):
+    cc = conf.circuits
     parent, _, key = cc.transcoders.rstrip("/").rpartition("/")
     root, _, name = parent.rpartition("/")
     item = Stage(root, name, key).load("layer_00")
     if item is None:
         raise ConfigError(f"circuits.transcoders: {cc.transcoders} holds no transcoder stage (no item layer_00)")
-    return int(item.tensors["W_dec"].shape[0])
+    return item
 
 
 def check_inputs(conf: Config, prompts: list[str] | None = None) -> None:
@@ -80,4 +96,4 @@ def check_inputs(conf: Config, prompts: list[str] | None = None) -> None:
     if cc.supernodes is not None:
         load_supernodes(cc.supernodes, n_layers, width)
     check_prompts(conf, prompts if prompts is not None else graph_prompts(list(cc.languages), cc.graph_pairs,
-                                                                          cc.prompts))
+                                                                          cc.prompts), n_layers, transcoder_k(conf))
