@@ -147,10 +147,11 @@ def top_logits(logits: torch.Tensor, share: float, max_logits: int) -> tuple[lis
     return idx[:n].tolist(), p[:n].float()
 
 
-# The graph is a dense [n, n] float32 adjacency, and pruning (tasks.circuits.pruning) holds float64 normalised copies
-# and edge scores of it beside a bool edge mask: about this many bytes per cell at the peak (so n^2 dominates the
-# memory of a long prompt: n grows with tokens x layers x k, the per-pass memory is bounded by max_batch_tokens).
-BYTES_PER_CELL = 36
+# The graph is a dense [n, n] float32 adjacency (4 bytes a cell), and pruning (tasks.circuits.pruning) holds float64
+# normalised copies and edge scores of it, and sorts the scores (float64 values, int64 indices, cumulative sums):
+# benchmarks/bench_attribution.py --lengths measured a peak of 63 bytes per cell at 4,677 nodes. n^2 dominates the
+# memory of a long prompt (n grows with tokens x layers x k; one pass's memory is bounded by max_batch_tokens).
+BYTES_PER_CELL = 64
 
 
 def graph_mib(n: int) -> float:
