@@ -285,3 +285,26 @@ def test_flow_end_to_end_rerun_and_grid(ray_session, prefect_harness, tmp_path, 
     files = render_grid(conf, "Paris is the capital of", "tuned", run_id=run_id)
     assert files["run_id"] == run_id and "<table>" in open(files["html"]).read()
     assert {"grids/tuned_lens_Paris_is_the_capital_of.png"} <= {a.path for a in client.list_artifacts(run_id, "grids")}
+
+
+def test_layer_tasks_map_one_shared_copy_of_the_targets(ray_session):
+    """Every layer's task reads the targets from the object store's one copy per node (a read-only mapping), not an
+    unpickled copy of its own, and reads the same values."""
+    from lensflow.tasks.lenses.readouts import LensTargets
+    from lensflow.tasks.lenses.tuned_lens import _targets, share_targets
+
+    g = torch.Generator().manual_seed(0)
+    n = 40_000  # each array over Ray's 100 KB inline limit, as real targets are: small objects are copied inline
+    t = LensTargets(torch.randn(n, 8, generator=g), torch.randn(n, generator=g), torch.randint(0, 9, (n,)))
+
+    @ray_session.remote
+    def read(ref):
+        raw = ray_session.get(ref[0])  # what _targets maps
+        got = _targets(ref[0])
+        shared = [got.tensors()[k].data_ptr() == a.__array_interface__["data"][0] for k, a in raw.items()]
+        return got.tensors(), [a.flags.writeable for a in raw.values()], shared
+
+    values, writeable, shared = ray_session.get(read.remote([share_targets(t)]))
+    assert not any(writeable) and all(shared)  # the object store's pages, not a copy
+    for k, v in t.tensors().items():
+        assert torch.equal(values[k], v)

@@ -13,6 +13,7 @@ lenses train on) is here, as plain functions testable without Ray or Prefect.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import ray
@@ -109,6 +110,20 @@ def layer_item(layer: int) -> str:
 def _resolve(x):
     """Big shared inputs (readout, targets) travel as Ray object refs inside job items; tests pass values."""
     return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
+def share_targets(targets: LensTargets) -> ray.ObjectRef:
+    """The targets of every token put once in Ray's object store as numpy arrays, which each node's tasks map
+    read-only instead of unpickling a copy each (4.2 GB per layer's task at GPT-J scale, beyond a pod's memory)."""
+    return ray.put({k: v.numpy() for k, v in targets.tensors().items()})
+
+
+def _targets(x: LensTargets | ray.ObjectRef) -> LensTargets:
+    if not isinstance(x, ray.ObjectRef):
+        return x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns of the read-only view; the targets are only read
+        return LensTargets.from_tensors({k: torch.from_numpy(v) for k, v in ray.get(x).items()})
 
 
 # ---- lens targets: one item per store chunk ----
@@ -237,7 +252,7 @@ def train_and_evaluate(job: TranslatorJob) -> LayerLenses:
     t0, c0 = time.perf_counter(), time.process_time()
     dev = compute_device()
     readout = _resolve(job.readout).to(dev)
-    data = _LayerData(job.url, job.layer, _resolve(job.targets), job.training.batch_tokens, dev)
+    data = _LayerData(job.url, job.layer, _targets(job.targets), job.training.batch_tokens, dev)
     name = layer_item(job.layer)
     trained, losses = False, []
     if job.layer == job.last_layer:
@@ -279,7 +294,7 @@ def lens_layers(conf: Config, stages: LensStages, url: str, last_layer: int, rea
     """Model-free Ray remote functions, one per layer 0..last_layer (lenses.gpus_per_task GPUs each)."""
     t0 = time.perf_counter()
     gpus = lens_task_gpus(conf)
-    targets_ref = ray.put(targets.targets)  # shared by every layer, sent once
+    targets_ref = share_targets(targets.targets)
     jobs = [TranslatorJob(stages, url, l, last_layer, conf.lenses, readout, targets_ref)
             for l in range(last_layer + 1)]
     layers = map_remote(train_and_evaluate, jobs, "tuned lens: train + evaluate per layer", conf.ray, num_cpus=1,
