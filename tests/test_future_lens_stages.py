@@ -12,6 +12,7 @@ from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.stages import ModelId
 from lensflow.tasks.future_lens import methods as fl
 from lensflow.tasks.future_lens.config import FutureLensConf
+from lensflow.tasks.future_lens.metrics import Score
 from lensflow.tasks.future_lens.samples import (
     SampleTargets,
     Window,
@@ -58,7 +59,7 @@ def test_default_layers():
 
 def test_best_fixed_prompt_is_the_highest_mean_precision_at_1():
     def rows(*per_layer):
-        return [fl.LayerResult("fixed", l, [{"p_at_1": p} for p in ps]) for l, ps in enumerate(per_layer)]
+        return [fl.LayerResult("fixed", l, [Score({1: p}, 0.0) for p in ps]) for l, ps in enumerate(per_layer)]
 
     a = rows([1.0, 0.0], [0.2, 0.2])  # mean 0.35
     b = rows([0.5, 0.3], [0.3, 0.3])  # mean 0.35 + 0.0125

@@ -42,7 +42,9 @@ def check_store_root(root: str) -> None:
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(root)
+        # a probe of its own: fsspec caches file systems by their options, and one made without credentials would
+        # be handed to every later call in this process (a driver that gets its credentials afterwards)
+        fs, path = fsspec.core.url_to_fs(root, skip_instance_cache=True)
         fs.exists(path)  # a missing bucket, bad credentials or an unreachable endpoint fail here
     except ImportError as exc:
         raise ConfigError(f"store.root {redact(root)}: {exc} (pip install 'lensflow[s3]' for s3://)") from None

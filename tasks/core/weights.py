@@ -60,7 +60,7 @@ def url_for(conf: Config) -> str | None:
 def _fs(url: str):
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, skip_instance_cache=True)  # the credentials of now, not of a cached instance
 
 
 def complete(url: str) -> bool:
