@@ -198,7 +198,7 @@ def test_pruning_and_scores_are_shares(tiny):
     pr, s = prune(g, 0.8, 0.98), scores(g)
     assert 0 <= s.replacement <= 1 and 0 <= s.completeness <= 1
     assert pr.nodes[g.token_start:].all() and pr.nodes[:g.n_features].sum() < g.n_features
-    assert not pr.edges[~pr.nodes].any() and not pr.edges[:, ~pr.nodes].any()
+    assert not pr.edges[~pr.nodes[g.rows]].any() and not pr.edges[:, ~pr.nodes].any()
 
 
 @pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
@@ -402,8 +402,36 @@ def test_long_prompt_chunks_equal_one_pass_and_the_budget_refuses(tiny):
     chunked = attribute(lm, tcs, prompt, batch_rows=512, max_batch_tokens=3 * S)  # 3 rows per pass
     torch.testing.assert_close(chunked.adjacency, whole.adjacency, atol=1e-6, rtol=0)
     assert whole.size <= max_nodes(lm.n_layers, S, 6, len(whole.logit_tokens))  # the upfront bound holds
-    need = BYTES_PER_CELL * whole.size ** 2 / 2**20  # MiB, counted here from the node count
-    attribute(lm, tcs, prompt, batch_rows=512, max_feature_rows=1, max_graph_mb=need * 1.01)
+    rows = 1 + len(whole.logit_tokens)  # one feature's row and the logits'
+    need = BYTES_PER_CELL * whole.size * rows / 2**20  # MiB, counted here from the node and row counts
+    assert need * 1.01 < BYTES_PER_CELL * whole.size ** 2 / 2**20  # a budget the dense graph would not fit
+    held = attribute(lm, tcs, prompt, batch_rows=512, max_feature_rows=1, max_graph_mb=need * 1.01)
+    assert tuple(held.weights.shape) == (rows, whole.size)
     with pytest.raises(ConfigError, match="circuits.max_graph_mb") as err:
         attribute(lm, tcs, prompt, batch_rows=512, max_feature_rows=1, max_graph_mb=need * 0.99)
     assert len(str(err.value).splitlines()) == 1 and f"{whole.size} graph nodes" in str(err.value)
+
+
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
+def test_row_storage_prunes_and_scores_like_the_dense_graph(tiny):
+    """The rows-only graph against the unchunked one (every node's row slot allocated): the same edges, the same
+    pruned nodes and edges, the same scores; and against influence computed here by a dense matrix series."""
+    lm, tcs = tiny
+    rows = attribute(lm, tcs, PROMPT, batch_rows=16, max_feature_rows=40)
+    dense = attribute(lm, tcs, PROMPT, batch_rows=16, max_feature_rows=40, dense=True)
+    assert rows.weights.shape[0] == 40 + len(rows.logit_tokens) and dense.weights.shape[0] == dense.size
+    torch.testing.assert_close(rows.adjacency, dense.adjacency, atol=0, rtol=0)
+    pr, pd = prune(rows), prune(dense)
+    assert torch.equal(pr.nodes, pd.nodes)
+    r_idx, s_idx = pr.edges.nonzero(as_tuple=True)
+    as_dense = torch.zeros(rows.size, rows.size, dtype=torch.bool)
+    as_dense[rows.rows[r_idx], s_idx] = True
+    assert torch.equal(as_dense, pd.edges) and as_dense.any()
+    assert scores(rows) == scores(dense)
+    # influence by hand: the dense normalised matrix's power series
+    a = rows.adjacency.abs().double()
+    w = a / a.sum(1, keepdim=True).clamp_min(1e-12)
+    x, total = rows.logit_weights().double() @ w, torch.zeros(rows.size, dtype=torch.float64)
+    while x.any():
+        total, x = total + x, x @ w
+    torch.testing.assert_close(pr.influence, total, atol=1e-12, rtol=1e-9)

@@ -15,6 +15,12 @@ gradient flows through an MLP: effects are direct. Many targets go into one back
 copies of the prompt, one target per row, and each row's gradient at every leaf gives that target's whole row of
 edges (`batch_rows` per pass; 1 gives one backward per target, the benchmark's baseline).
 
+Long prompts: only the rows that are computed are stored ([rows, nodes], the rows in the order they were computed),
+not a dense [nodes, nodes] matrix whose uncomputed rows are zeros. With `max_feature_rows` the rows are bounded, so
+memory grows with the prompt's length, not its square; the whole pipeline (attribution, influence, pruning, scores)
+works on those rows. `dense=True` keeps the unchunked layout (every node's row slot allocated), the benchmark's
+baseline.
+
 Features at position 0 (the BOS / attention-sink position, where transcoders trained with skip_first are not
 meant to work) are not nodes: that position's MLP output is all error node, as in circuit-tracer.
 """
@@ -36,7 +42,8 @@ from lensflow.tasks.core.progress import progress
 
 @dataclass
 class Graph:
-    """Nodes in the order [features, errors (layer-major), tokens, logits]; adjacency[target, source]."""
+    """Nodes in the order [features, errors (layer-major), tokens, logits]; weights[i, source] is the edge from
+    source into node rows[i] (only computed rows are held: a node without a row has no incoming edges)."""
 
     prompt: str
     tokens: list[int]
@@ -46,9 +53,24 @@ class Graph:
     logit_tokens: list[int]
     logit_strs: list[str]
     logit_probs: torch.Tensor  # [n_logits]
-    adjacency: torch.Tensor  # [n, n]
+    weights: torch.Tensor  # [r, n]: the incoming edges of the nodes `rows`
     n_layers: int
-    rows_computed: torch.Tensor | None = None  # bool [n]: targets whose incoming edges were computed
+    rows: torch.Tensor  # long [r]: the target node of each row of `weights`
+
+    @property
+    def rows_computed(self) -> torch.Tensor:
+        """bool [n]: targets whose incoming edges were computed."""
+        mask = torch.zeros(self.size, dtype=torch.bool)
+        mask[self.rows] = True
+        return mask
+
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """The dense [n, n] matrix (target, source), zero rows where nothing was computed: for tests and small
+        graphs only (it is what the row storage avoids)."""
+        a = torch.zeros(self.size, self.size, dtype=self.weights.dtype)
+        a[self.rows] = self.weights
+        return a
     @property
     def n_features(self) -> int:
         return self.features.shape[0]
@@ -81,7 +103,7 @@ class Graph:
         return self.error_start + layer * self.n_pos + pos
 
     def logit_weights(self) -> torch.Tensor:
-        w = torch.zeros(self.size, dtype=self.adjacency.dtype)
+        w = torch.zeros(self.size, dtype=self.weights.dtype)
         w[self.logit_start:] = self.logit_probs
         return w
 
@@ -147,16 +169,23 @@ def top_logits(logits: torch.Tensor, share: float, max_logits: int) -> tuple[lis
     return idx[:n].tolist(), p[:n].float()
 
 
-# The graph is a dense [n, n] float32 adjacency (4 bytes a cell), and pruning (tasks.circuits.pruning) holds float64
+# The graph is a float32 [rows, n] matrix (4 bytes a cell), and pruning (tasks.circuits.pruning) holds float64
 # normalised copies and edge scores of it, and sorts the scores (float64 values, int64 indices, cumulative sums):
-# benchmarks/bench_attribution.py --lengths measured a peak of 63 bytes per cell at 4,677 nodes. n^2 dominates the
-# memory of a long prompt (n grows with tokens x layers x k; one pass's memory is bounded by max_batch_tokens).
+# benchmarks/bench_attribution.py --lengths measured a peak of 63 bytes per cell at 4,677 nodes (dense, rows = n).
+# rows x n dominates the memory of a long prompt (n grows with tokens x layers x k; rows is bounded by
+# max_feature_rows plus the logits; one pass's memory is bounded by max_batch_tokens).
 BYTES_PER_CELL = 64
 
 
-def graph_mib(n: int) -> float:
-    """Estimated peak memory (MiB) of a graph of n nodes, attribution and pruning."""
-    return BYTES_PER_CELL * n * n / 2**20
+def graph_mib(n: int, rows: int | None = None) -> float:
+    """Estimated peak memory (MiB) of a graph of n nodes of which `rows` have their incoming edges computed (None:
+    every node, the dense graph), attribution and pruning."""
+    return BYTES_PER_CELL * n * (n if rows is None else rows) / 2**20
+
+
+def row_bound(n_features: int, max_feature_rows: int | None, n_logits: int) -> int:
+    """How many rows a graph computes at most: the logits' and at most max_feature_rows features'."""
+    return (n_features if max_feature_rows is None else min(n_features, max_feature_rows)) + n_logits
 
 
 def max_nodes(n_layers: int, n_tokens: int, k: int, max_logits: int) -> int:
@@ -165,12 +194,14 @@ def max_nodes(n_layers: int, n_tokens: int, k: int, max_logits: int) -> int:
     return n_layers * (n_tokens - 1) * k + n_layers * n_tokens + n_tokens + max_logits
 
 
-def check_budget(prompt: str, n_tokens: int, n: int, max_graph_mb: float | None, exact: bool = True) -> None:
-    """One line naming circuits.max_graph_mb when the graph's dense matrix would not fit the budget."""
-    if max_graph_mb is not None and graph_mib(n) > max_graph_mb:
-        raise ConfigError(f"prompt {prompt[:40]!r}: {n_tokens} tokens give {'' if exact else 'up to '}{n} graph nodes, "
-                          f"about {graph_mib(n):.0f} MiB dense, over circuits.max_graph_mb={max_graph_mb:g}; "
-                          "shorten the prompt or raise circuits.max_graph_mb")
+def check_budget(prompt: str, n_tokens: int, n: int, rows: int, max_graph_mb: float | None,
+                 exact: bool = True) -> None:
+    """One line naming circuits.max_graph_mb when even the row-chunked graph (rows x n) would not fit the budget."""
+    if max_graph_mb is not None and graph_mib(n, rows) > max_graph_mb:
+        raise ConfigError(f"prompt {prompt[:40]!r}: {n_tokens} tokens give {'' if exact else 'up to '}{n} graph nodes "
+                          f"and {rows} computed rows, about {graph_mib(n, rows):.0f} MiB, over "
+                          f"circuits.max_graph_mb={max_graph_mb:g}; lower circuits.max_feature_rows, shorten the prompt "
+                          "or raise circuits.max_graph_mb")
 
 
 @dataclass(frozen=True)
@@ -208,13 +239,14 @@ def _pass(lm: LM, rep: Replacement, targets: list[Target]) -> tuple[list[torch.T
 
 def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_share: float = 0.95,
               max_logits: int = 10, batch_rows: int = 64, max_batch_tokens: int | None = None,
-              max_feature_rows: int | None = None, max_graph_mb: float | None = None) -> Graph:
+              max_feature_rows: int | None = None, max_graph_mb: float | None = None, dense: bool = False) -> Graph:
     """The (unpruned) attribution graph of `prompt`. max_batch_tokens caps rows x tokens of one pass, so a long
     prompt gets fewer targets per backward pass instead of running out of memory. max_feature_rows: compute the
     incoming edges of at most this many features (None: every one), chosen as circuit-tracer does: after the logits'
     rows, each next batch is the uncomputed features with the most influence on the logits through the rows known
     so far; every feature stays a node (a source of edges) either way, and every computed row is exact.
-    max_graph_mb: refuse (ConfigError) a prompt whose dense graph would need more, before it is allocated."""
+    max_graph_mb: refuse (ConfigError) a prompt whose computed rows would need more, before they are allocated.
+    dense: allocate every node's row (the unchunked layout; the same numbers, the benchmark's baseline)."""
     check_transcoders(lm, transcoders)
     ids = tokenize(lm, prompt)
     L, S = lm.n_layers, ids.shape[1]
@@ -231,7 +263,9 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
         n_f = len(feats)
         n = n_f + L * S + S + len(logit_ids)
         logit_rows = list(range(n_f + L * S + S, n))
-        check_budget(prompt, S, n, max_graph_mb)
+        cap = n_f if max_feature_rows is None else min(n_f, max_feature_rows)
+        n_rows = n if dense else row_bound(n_f, max_feature_rows, len(logit_ids))
+        check_budget(prompt, S, n, n_rows, max_graph_mb)
 
         def target(row: int) -> Target:
             if row >= n_f:
@@ -239,11 +273,11 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
             l, p, f = feats[row]
             return Target(l, p, transcoders[l].encoder_vectors()[f].detach().float())
 
-        A = torch.zeros(n, n)
+        A = torch.zeros(n_rows, n)  # row slot i holds the incoming edges of node order[i]
+        order: list[int] = []
         done = torch.zeros(n, dtype=torch.bool)
         weights = torch.zeros(n, dtype=torch.float64)
         weights[logit_rows] = probs.double()
-        cap = n_f if max_feature_rows is None else min(n_f, max_feature_rows)
         dec = [transcoders[l].decoder_vectors().detach().float().to(lm.device) for l in range(L)]
         by_layer = [[i for i, (fl, _, _) in enumerate(feats) if fl == l] for l in range(L)]
         queue = list(range(n_f)) if cap == n_f else None  # every feature: in order, no influence needed
@@ -264,7 +298,9 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
                         block[:, idx] = ((g[:, pos] * dec[l][fid]).sum(-1) * acts[idx].to(lm.device)).cpu()
                     block[:, n_f + l * S:n_f + (l + 1) * S] = (g * rep.errors[l]).sum(-1).cpu()
                 block[:, n_f + L * S:n_f + L * S + S] = (g_emb.float() * rep.embeds).sum(-1).cpu()
-                A[batch] = block
+                slots = batch if dense else list(range(len(order), len(order) + len(batch)))
+                A[slots] = block
+                order += batch
                 done[batch] = True
                 bar.update(len(batch))
                 batch = [r for r in logit_rows if not done[r]][:batch_rows]
@@ -274,8 +310,10 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
                 if queue is not None:
                     batch = [r for r in queue if not done[r]][:min(batch_rows, room)]
                     continue
-                score = influence(normalised(A), weights)[:n_f].masked_fill(done[:n_f], -1.0)
+                held = torch.tensor(order) if not dense else torch.arange(n)
+                score = influence(normalised(A[:len(held)]), weights, held)[:n_f].masked_fill(done[:n_f], -1.0)
                 batch = score.topk(min(batch_rows, room)).indices.tolist()
     tok = lm.tokenizer
+    rows = torch.arange(n) if dense else torch.tensor(order, dtype=torch.long)
     return Graph(prompt, ids[0].tolist(), [tok.decode([i]) for i in ids[0].tolist()], features, acts.float(),
-                 logit_ids, [tok.decode([i]) for i in logit_ids], probs, A, L, done)
+                 logit_ids, [tok.decode([i]) for i in logit_ids], probs, A[:len(rows)], L, rows)

@@ -4,7 +4,7 @@ already), the supernode file, and that every prompt tokenises into the positions
 
 from __future__ import annotations
 
-from lensflow.tasks.circuits.attribution import MIN_POSITIONS, check_budget, max_nodes
+from lensflow.tasks.circuits.attribution import MIN_POSITIONS, check_budget, max_nodes, row_bound
 from lensflow.tasks.core.config import Config, ConfigError, ModelConf
 from lensflow.tasks.core.dictionaries.transcoder_stage import load_transcoders
 from lensflow.tasks.core.models import (
@@ -33,7 +33,7 @@ def driver_tokenizer(conf: ModelConf):
 
 def check_prompts(conf: Config, prompts: list[str], n_layers: int | None = None, k: int | None = None) -> None:
     """Every prompt tokenises into the positions a graph needs and (given n_layers and the transcoders' k) its graph,
-    at its largest, fits circuits.max_graph_mb."""
+    at its largest (rows computed x nodes), fits circuits.max_graph_mb."""
     cc = conf.circuits
     tok = driver_tokenizer(conf.model)
     for p in prompts:
@@ -42,7 +42,9 @@ def check_prompts(conf: Config, prompts: list[str], n_layers: int | None = None,
             raise ConfigError(f"prompt {p!r}: {n} token(s) for {conf.model.name}; a graph needs at least "
                               f"{MIN_POSITIONS} positions (a token to attribute from and the one predicting next)")
         if n_layers is not None and k is not None:
-            check_budget(p, n, max_nodes(n_layers, n, k, cc.max_logits), cc.max_graph_mb, exact=False)
+            most = max_nodes(n_layers, n, k, cc.max_logits)
+            rows = row_bound(most - n_layers * n - n - cc.max_logits, cc.max_feature_rows, cc.max_logits)
+            check_budget(p, n, most, rows, cc.max_graph_mb, exact=False)
 
 
 def driver_model_id(conf: ModelConf) -> ModelId | None:

@@ -62,16 +62,16 @@ def graph_json(g: Graph, pruned: Pruned, s: Scores, model: str, transcoders: str
     ids = node_ids(g)
     keep = pruned.nodes.nonzero().flatten().tolist()
     nodes = [_node(g, i, ids[i], float(pruned.influence[i])) for i in keep]
-    t_idx, s_idx = pruned.edges.nonzero(as_tuple=True)
-    links = [{"source": ids[s], "target": ids[t], "weight": float(g.adjacency[t, s])}
-             for t, s in zip(t_idx.tolist(), s_idx.tolist())]
+    r_idx, s_idx = pruned.edges.nonzero(as_tuple=True)
+    targets = g.rows[r_idx].tolist()
+    weights = g.weights[r_idx, s_idx].tolist()
+    links = [{"source": ids[s], "target": ids[t], "weight": w} for t, s, w in zip(targets, s_idx.tolist(), weights)]
     return {
         "metadata": {"schema": SCHEMA, "slug": slug, "scan": model, "prompt": g.prompt, "prompt_tokens": g.token_strs,
                      "n_layers": g.n_layers, "node_threshold": node_threshold, "edge_threshold": edge_threshold,
                      "replacement_score": s.replacement, "completeness_score": s.completeness,
                      "transcoders": transcoders, "n_nodes_unpruned": g.size, "n_features_unpruned": g.n_features,
-                     "feature_rows_computed": int(g.rows_computed[:g.n_features].sum())
-                     if g.rows_computed is not None else g.n_features},
+                     "feature_rows_computed": int(g.rows_computed[:g.n_features].sum())},
         "qParams": {"pinnedIds": [], "supernodes": [[name, *members] for name, members in (supernodes or {}).items()],
                     "linkType": "both"},
         "nodes": nodes,

@@ -12,7 +12,7 @@ from lensflow.tasks.core.dictionaries.transcoder_stage import load_transcoders
 from lensflow.tasks.core.models import LM
 from lensflow.tasks.core.stages import Item, ModelId, Stage, digest
 
-VERSION = 1
+VERSION = 2  # 2: the computed rows only (weights [r, n] and rows), not a dense adjacency
 SETTINGS = ("logit_share", "max_logits", "max_feature_rows")
 
 
@@ -51,7 +51,7 @@ class GraphJob:
 
 def to_item(g: Graph) -> Item:
     return Item({"features": g.features, "activations": g.activations, "logit_probs": g.logit_probs,
-                 "adjacency": g.adjacency, "rows_computed": g.rows_computed},
+                 "weights": g.weights, "rows": g.rows},
                 {"prompt": g.prompt, "tokens": g.tokens, "token_strs": g.token_strs, "logit_tokens": g.logit_tokens,
                  "logit_strs": g.logit_strs, "n_layers": g.n_layers})
 
@@ -59,7 +59,7 @@ def to_item(g: Graph) -> Item:
 def from_item(item: Item) -> Graph:
     m, t = item.meta, item.tensors
     return Graph(m["prompt"], m["tokens"], m["token_strs"], t["features"], t["activations"], m["logit_tokens"],
-                 m["logit_strs"], t["logit_probs"], t["adjacency"], m["n_layers"], t["rows_computed"])
+                 m["logit_strs"], t["logit_probs"], t["weights"], m["n_layers"], t["rows"])
 
 
 def graph_of(lm: LM, job: GraphJob) -> tuple[Graph, bool, float]:
