@@ -5,7 +5,8 @@ the seed's feature interventions on the antonym set.
      resumable per layer; or circuits.transcoders, a published stage folder of the same model);
   2. attribution graphs of the prompts (default: the first circuits.graph_pairs antonym pairs in every language),
      one stage item per prompt, computed on the actors with batched backward passes; pruned, scored (replacement,
-     completeness) and written as JSON, HTML and PNG;
+     completeness) and written as JSON, HTML and PNG; the transcoder feature pages of the graphs' features (a
+     stage), and, when the user gave no supernodes, the supernodes proposed from them, drawn on the graphs;
   3. the three interventions (language, operand, operation) with their controls, one actor job per prompt language,
      at circuits.strength (swept with `lensflow sweep circuits --grid circuits.strength=...`).
 """
@@ -17,8 +18,16 @@ from prefect import flow
 from lensflow.flows import stage
 from lensflow.tasks.circuits import EXPERIMENT, resolve_model, swap_jobs
 from lensflow.tasks.circuits.dictionaries import prepare_transcoders
+from lensflow.tasks.circuits.feature_pages import graph_pages, proposed_supernodes
 from lensflow.tasks.circuits.graphs import graph_stage, graphs
-from lensflow.tasks.circuits.report import log_graph, log_graph_summary, log_swaps, log_transcoders, write_graph
+from lensflow.tasks.circuits.report import (
+    log_graph,
+    log_graph_summary,
+    log_pages,
+    log_swaps,
+    log_transcoders,
+    write_graph,
+)
 from lensflow.tasks.circuits.supernodes import load_supernodes
 from lensflow.tasks.circuits.texts import graph_prompts
 from lensflow.tasks.core import tracking
@@ -28,6 +37,7 @@ from lensflow.tasks.registry import load_config
 
 transcoders_stage = stage(prepare_transcoders)
 graphs_stage = stage(graphs)
+pages_stage = stage(graph_pages)
 interventions_stage = stage(swap_jobs.run_interventions)
 
 
@@ -38,9 +48,16 @@ def _graphs(conf: Config, s, url: str, prompts: list[str], as_task: bool = False
     found = (graphs_stage if as_task else graphs)(s.pool, gstage, url, prompts, cc.logit_share, cc.max_logits,
                                                   cc.batch_rows, cc.max_batch_tokens, cc.max_feature_rows)
     supernodes = load_supernodes(cc.supernodes, s.info.n_layers, _width(conf)) if cc.supernodes else None
+    pages = None
+    if cc.pages:
+        pages, computed = (pages_stage if as_task else graph_pages)(s.pool, conf.store.root, url, [g for g, _, _ in found],
+                                                             list(cc.languages), cc.texts_per_language)
+        log_pages(s.run, pages, s.info.name, computed)
     files = []
     for i, (g, computed, seconds) in enumerate(found):
-        f, fig = write_graph(g, s.info.name, url, cc.node_threshold, cc.edge_threshold, supernodes)
+        proposed = proposed_supernodes(pages, g, list(cc.languages)) if pages is not None and not supernodes else None
+        f, fig = write_graph(g, s.info.name, url, cc.node_threshold, cc.edge_threshold, supernodes,
+                             proposed=proposed, pages=pages)
         log_graph(s.run, f, fig, step=i)
         tracking.log_metrics(s.run, {"circuits.graph.seconds": seconds, "circuits.graph.tokens": len(g.tokens),
                                      "circuits.graph.computed": float(computed)}, step=i)

@@ -252,7 +252,7 @@ def test_graph_files_follow_the_schema(tiny, tmp_path):
     assert {n["feature_type"] for n in data["nodes"]} >= {"embedding", "logit", "mlp reconstruction error"}
     assert all(l["source"] in ids and l["target"] in ids for l in data["links"])
     f = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
-    assert f["feature_page"] == f"features/layer_{int(f['layer']):02d}/feature_{f['feature']:05d}.html"
+    assert f["feature_page"] == f"transcoders/layer_{int(f['layer']):02d}/feature_{f['feature']:05d}.html"
     page = open(files.html, encoding="utf-8").read()
     assert "<script src" not in page and f["node_id"] in page
     assert open(files.png, "rb").read(4) == b"\x89PNG"

@@ -246,7 +246,8 @@ def attribute(lm: LM, transcoders: dict[int, Transcoder], prompt: str, logit_sha
     rows, each next batch is the uncomputed features with the most influence on the logits through the rows known
     so far; every feature stays a node (a source of edges) either way, and every computed row is exact.
     max_graph_mb: refuse (ConfigError) a prompt whose computed rows would need more, before they are allocated.
-    dense: allocate every node's row (the unchunked layout; the same numbers, the benchmark's baseline)."""
+    dense: allocate every node's row (the unchunked layout; the same numbers, the benchmark's baseline; its rows
+    are every node, those not computed being zeros)."""
     check_transcoders(lm, transcoders)
     ids = tokenize(lm, prompt)
     L, S = lm.n_layers, ids.shape[1]

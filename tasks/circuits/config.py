@@ -36,6 +36,9 @@ class CircuitsConf(Section):
     # is refused before anything runs: n ~ tokens x layers x (k + 1), so ~38 tokens on Gemma 3 270M with k=16
     max_graph_mb: float = Field(default=8192, gt=0)
     supernodes: str | None = None  # YAML: name -> ["layer:id", ...]
+    # transcoder feature pages of the graphs' features (transcoders/...), and supernodes proposed from them (language
+    # profile, operand words) when circuits.supernodes is not given
+    pages: bool = True
     # interventions (the seed's three experiments)
     intervene: bool = True
     pairs: int = Field(default=8, gt=0)  # antonym pairs per language in the intervention experiments

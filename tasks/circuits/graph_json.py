@@ -14,19 +14,23 @@ Node ids and kinds follow circuit-tracer's export: a feature is `{layer}_{featur
 transcoder", layer its block), an error node `{layer}_err_{ctx_idx}` ("mlp reconstruction error"), a token
 `E_{token_id}_{ctx_idx}` (layer "E", "embedding"), a logit `L_{token_id}_{ctx_idx}` (layer n_layers, "logit",
 ctx_idx the last position). feature_page is the feature's page relative to the graph's folder,
-`features/layer_{LL}/feature_{id:05d}.html` (written by the feature-page stage; absent for other kinds).
+`transcoders/layer_{LL}/feature_{id:05d}.html` (tasks.circuits.feature_pages: the transcoders' own folder, apart
+from SAE pages under features/; absent for other kinds).
 """
 
 from __future__ import annotations
 
 from lensflow.tasks.circuits.attribution import Graph
 from lensflow.tasks.circuits.pruning import Pruned, Scores
+from lensflow.tasks.core.dictionaries.pages import page_path
+
+PAGES_ROOT = "transcoders"  # tasks.circuits.feature_pages.ROOT (that module imports this one's neighbours)
 
 SCHEMA = "lensflow-attribution-graph/1"
 
 
 def feature_page(layer: int, feature: int) -> str:
-    return f"features/layer_{layer:02d}/feature_{feature:05d}.html"
+    return page_path(layer, feature, PAGES_ROOT)
 
 
 def node_ids(g: Graph) -> list[str]:

@@ -4,7 +4,7 @@ PNG chart, both placing nodes by position (x) and layer (y: tokens at the bottom
 The page draws the pruned graph as SVG: edge width by |weight|, blue positive and red negative, a slider for the share
 of the strongest edges shown (10% at first: tens of thousands of edges hide the structure); hovering a node
 shows its kind, activation, influence and its strongest incoming and outgoing edges with their weights; clicking a
-feature opens its feature page (a relative link, `features/layer_LL/feature_NNNNN.html`); supernodes are drawn as
+feature opens its feature page (a relative link, `transcoders/layer_LL/feature_NNNNN.html`); supernodes are drawn as
 labelled boxes around their members.
 """
 

@@ -115,8 +115,9 @@ def to_yaml(supernodes: Supernodes) -> str:
 
 
 def load_pages(path: str | Path) -> list[LayerPages]:
-    """Page data as pages.write_site's runs log it (`features/pages.json`), refused unless it is a transcoder's: an
-    SAE's feature ids are not the graph's nodes, and grouping them would name the wrong features without a sound."""
+    """Page data as runs log it (`transcoders/pages.json` of a circuits run, `features/pages.json` of a multilingual
+    one), refused unless it is a transcoder's: an SAE's feature ids are not the graph's nodes, and grouping them
+    would name the wrong features without a sound."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"feature pages: file not found: {p}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from lensflow.tasks.circuits.pruning import prune, scores
 from lensflow.tasks.circuits.supernodes import Supernodes, graph_members
 from lensflow.tasks.circuits.swaps import EXPERIMENTS, Outcome
 from lensflow.tasks.core import tracking
+from lensflow.tasks.core.dictionaries.pages import LayerPages, write_site
 from lensflow.tasks.core.dictionaries.transcoder_stage import TrainedLayer
 
 OUT_DIR = Path(".lensflow/graphs")
@@ -43,14 +45,17 @@ class GraphFiles:
     json: str
     html: str
     png: str
+    proposed: int = 0  # proposed supernodes drawn (tasks.circuits.proposed)
 
 
 def write_graph(g: Graph, model: str, transcoders: str, node_threshold: float, edge_threshold: float,
                 supernodes: Supernodes | None = None, out_dir: Path = OUT_DIR,
-                proposed: Supernodes | None = None) -> tuple[GraphFiles, object]:
+                proposed: Supernodes | None = None, pages: list[LayerPages] | None = None) -> tuple[GraphFiles, object]:
     """Prune, score and write one graph's JSON, HTML and PNG into out_dir/<slug>/ (the figure is returned open).
     `proposed` (tasks.circuits.proposed): drawn beside the user's supernodes (the user's name wins a clash) and
-    written as supernodes.proposed.yaml, the user's format, to edit and give back as circuits.supernodes."""
+    written as supernodes.proposed.yaml, the user's format, to edit and give back as circuits.supernodes. `pages`
+    (tasks.circuits.feature_pages): the kept features' pages are written beside the graph under transcoders/, where
+    the page's links point."""
     pruned, s = prune(g, node_threshold, edge_threshold), scores(g)
     name = slug(g.prompt)
     kept = [n for n, keep in zip(node_ids(g), pruned.nodes.tolist()) if keep]
@@ -60,27 +65,56 @@ def write_graph(g: Graph, model: str, transcoders: str, node_threshold: float, e
     folder.mkdir(parents=True, exist_ok=True)
     if proposed:
         (folder / "supernodes.proposed.yaml").write_text(to_yaml(proposed), encoding="utf-8")
+    else:
+        (folder / "supernodes.proposed.yaml").unlink(missing_ok=True)  # an earlier run's: not this graph's
+    if pages:
+        from lensflow.tasks.circuits.feature_pages import ROOT, only
+
+        shown = {(int(l), int(f)) for (l, _, f), k in zip(g.features.tolist(), pruned.nodes.tolist()) if k}
+        write_site(only(pages, shown), folder, model, ROOT)
     paths = {"json": folder / "graph.json", "html": folder / "graph.html", "png": folder / "graph.png"}
     paths["json"].write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
     paths["html"].write_text(graph_html(data), encoding="utf-8")
     fig = graph_figure(data)
     fig.savefig(paths["png"], dpi=130)
     files = GraphFiles(g.prompt, name, s.replacement, s.completeness, len(data["nodes"]), len(data["links"]),
-                       g.n_features, *(str(p.resolve()) for p in paths.values()))
+                       g.n_features, *(str(p.resolve()) for p in paths.values()), len(proposed or {}))
     return files, fig
 
 
 def log_graph(run: tracking.RunRef, files: GraphFiles, fig, step: int = 0) -> None:
     """The graph's files as artifacts: the page at the artifact root (its feature links are relative to it, and
-    feature pages live under features/), JSON and PNG under graphs/; the PNG also as an image chart."""
+    transcoder feature pages live under transcoders/), JSON, PNG and proposed supernodes (YAML) under graphs/; the
+    PNG also as an image chart."""
     tracking.log_figure(run, fig, f"graphs/{files.slug}.png")
     tracking.log_file(run, files.json, f"graphs/{files.slug}")
+    proposed = Path(files.json).parent / "supernodes.proposed.yaml"
+    if proposed.is_file():
+        tracking.log_file(run, str(proposed), f"graphs/{files.slug}")
     tracking._log_file(run, lambda p: p.write_text(Path(files.html).read_text(encoding="utf-8"), encoding="utf-8"),
                        f"attribution_{files.slug}.html")
     tracking.log_metrics(run, {"circuits.graph.replacement_score": files.replacement,
                                "circuits.graph.completeness_score": files.completeness,
                                "circuits.graph.nodes": files.nodes, "circuits.graph.links": files.links,
-                               "circuits.graph.active_features": files.features}, step=step)
+                               "circuits.graph.active_features": files.features,
+                               "circuits.graph.proposed_supernodes": files.proposed}, step=step)
+
+
+def log_pages(run: tracking.RunRef, pages: list[LayerPages], model: str, computed: bool) -> int:
+    """The transcoder feature pages at the artifact root's transcoders/ (where graph pages link), with their data as
+    transcoders/pages.json (what tasks.circuits.proposed.load_pages reads). Returns the number of pages."""
+    from lensflow.tasks.circuits.feature_pages import ROOT
+
+    n = sum(len(lp.pages) for lp in pages)
+    tracking.log_metrics(run, {"circuits.pages.computed": float(computed)})
+    if not n:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        write_site(pages, tmp, model, ROOT)
+        Path(tmp, ROOT, "pages.json").write_text(json.dumps([asdict(lp) for lp in pages]), encoding="utf-8")
+        run.client.log_artifacts(run.run_id, str(Path(tmp, ROOT)), ROOT)
+    tracking.log_metrics(run, {"circuits.pages": float(n)})
+    return n
 
 
 def log_transcoders(run: tracking.RunRef, layers: list[TrainedLayer], url: str) -> None:

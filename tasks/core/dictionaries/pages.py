@@ -23,9 +23,10 @@ ROOT = "features"  # the artifact folder every page lives under
 INDEX = f"{ROOT}/index.html"
 
 
-def page_path(layer: int, feature: int) -> str:
-    """A feature's page relative to the run's artifact root: `features/layer_05/feature_00042.html`."""
-    return f"{ROOT}/layer_{layer:02d}/feature_{feature:05d}.html"
+def page_path(layer: int, feature: int, root: str = ROOT) -> str:
+    """A feature's page relative to the run's artifact root: `features/layer_05/feature_00042.html` (`root`: another
+    dictionary's folder, e.g. the circuits transcoders' `transcoders/`, so two dictionaries' pages never collide)."""
+    return f"{root}/layer_{layer:02d}/feature_{feature:05d}.html"
 
 
 def page_href(layer: int, feature: int, from_page: str = INDEX) -> str:
@@ -373,17 +374,18 @@ def render_index(layers: list[LayerPages], model: str) -> str:
             f"{''.join(sections)}</body></html>")
 
 
-def write_site(layers: list[LayerPages], folder: str | Path, model: str) -> list[Path]:
-    """The index and every feature page under `folder` in the artifact layout (folder/features/...)."""
-    root = Path(folder)
+def write_site(layers: list[LayerPages], folder: str | Path, model: str, root: str = ROOT) -> list[Path]:
+    """The index and every feature page under `folder` in the artifact layout (folder/features/..., or folder/<root>/
+    for another dictionary's folder; the pages' links are relative, so they work under any root)."""
+    base = Path(folder)
     written = []
     for lp in layers:
         for p in lp.pages:
-            path = root / page_path(p.layer, p.feature)
+            path = base / page_path(p.layer, p.feature, root)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(render_page(p, model, lp.dictionary), encoding="utf-8")
             written.append(path)
-    index = root / INDEX
+    index = base / root / "index.html"
     index.parent.mkdir(parents=True, exist_ok=True)
     index.write_text(render_index(layers, model), encoding="utf-8")
     return [index, *written]
