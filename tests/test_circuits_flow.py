@@ -13,6 +13,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+# circuits_flow is imported at collection: Prefect's console handler then holds pytest's session-long stream, not the
+# capsys buffer of an earlier test (the CLI tests of test_circuits.py), closed by the time the flow logs
+from lensflow.flows.circuits import circuits_flow
 from lensflow.tasks.circuits.graphs import from_item
 from lensflow.tasks.circuits.swaps import starts_answer
 from lensflow.tasks.core.config import ModelConf
@@ -34,8 +37,6 @@ META_KEYS = {"schema", "slug", "scan", "prompt", "prompt_tokens", "n_layers", "n
 def runs(ray_session, prefect_harness, tracking_uri, tmp_path_factory):
     """(store root, first run's result, rerun's result), the same config twice."""
     import os
-
-    from lensflow.flows.circuits import circuits_flow
 
     root = tmp_path_factory.mktemp("circuits")
     cwd = os.getcwd()

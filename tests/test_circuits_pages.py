@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lensflow.tasks.circuits.attribution import attribute
-from lensflow.tasks.circuits.feature_pages import graph_features, proposed_supernodes, transcoder_pages
+from lensflow.tasks.circuits.feature_pages import computed_features, proposed_supernodes, transcoder_pages
 from lensflow.tasks.circuits.report import write_graph
 from lensflow.tasks.circuits.supernodes import load_supernodes
 from lensflow.tasks.core.config import ModelConf
@@ -53,7 +53,7 @@ def _firing_rate(lm, tc: Transcoder, layer: int, texts: list[str], feature: int)
 def test_pages_profile_folder_and_links(tiny, tmp_path):
     lm, tcs = tiny
     g = attribute(lm, tcs, TEXTS["en"][0], batch_rows=64, max_feature_rows=12)
-    wanted = graph_features([g])
+    wanted = computed_features([g])
     assert sum(len(v) for v in wanted.values()) == len({(l, f) for l, _, f in g.features[g.rows_computed[:g.n_features]].tolist()})
     pages = transcoder_pages(lm, tcs, TEXTS, wanted)
     got = {(p.layer, p.feature): p for lp in pages for p in lp.pages}
@@ -69,7 +69,7 @@ def test_pages_profile_folder_and_links(tiny, tmp_path):
     data = json.loads(open(files.json, encoding="utf-8").read())
     links = [n["feature_page"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
     assert links and all(p.startswith("transcoders/layer_") and (folder / p).is_file() for p in links)
-    if proposed:  # read back as the user's YAML, every member a feature with a page
-        back = load_supernodes(folder / "supernodes.proposed.yaml", lm.n_layers, 48)
-        assert back == proposed and all(m in got for ms in back.values() for m in ms)
-        assert {s[0] for s in data["qParams"]["supernodes"]} <= set(proposed)
+    assert proposed  # read back as the user's YAML, every member a feature with a page
+    back = load_supernodes(folder / "supernodes.proposed.yaml", lm.n_layers, 48)
+    assert back == proposed and all(m in got for ms in back.values() for m in ms)
+    assert {s[0] for s in data["qParams"]["supernodes"]} <= set(proposed)

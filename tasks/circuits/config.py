@@ -32,8 +32,9 @@ class CircuitsConf(Section):
     # features whose incoming edges are computed, the most influential first (None = all: ~3000 on Gemma 3 270M
     # with k=16, about half an hour of one busy CPU core per graph)
     max_feature_rows: int | None = Field(default=384, gt=0)
-    # MiB: a prompt whose dense graph (~64 bytes per node pair at the peak, attribution and pruning) would need more
-    # is refused before anything runs: n ~ tokens x layers x (k + 1), so ~38 tokens on Gemma 3 270M with k=16
+    # MiB: a prompt whose graph (~64 bytes per computed row x node at the peak, attribution and pruning; rows =
+    # max_feature_rows + the logits) would need more is refused before anything runs: nodes ~ tokens x layers x
+    # (k + 1), so with 384 rows about 1,100 tokens on Gemma 3 270M with k=16 (every row, max_feature_rows=null: ~38)
     max_graph_mb: float = Field(default=8192, gt=0)
     supernodes: str | None = None  # YAML: name -> ["layer:id", ...]
     # transcoder feature pages of the graphs' features (transcoders/...), and supernodes proposed from them (language

@@ -52,7 +52,7 @@ def page_texts(languages: list[str], per_language: int) -> dict[str, list[str]]:
             + parallel_paragraphs(lang, per_language) for lang in languages}
 
 
-def graph_features(graphs: list[Graph]) -> dict[int, list[int]]:
+def computed_features(graphs: list[Graph]) -> dict[int, list[int]]:
     """{layer: feature ids}: the features whose incoming edges some graph computed (a pruned graph keeps no other)."""
     out: dict[int, set[int]] = {}
     for g in graphs:
@@ -131,7 +131,7 @@ def pages_of(lm: LM, job: PagesJob) -> tuple[list[LayerPages], bool]:
 def graph_pages(pool, root: str, transcoders: str, graphs: list[Graph], languages: list[str],
                 per_language: int) -> tuple[list[LayerPages], bool]:
     """The pages of every feature the graphs computed rows for, on one model actor (or found in the store)."""
-    texts, features = page_texts(languages, per_language), graph_features(graphs)
+    texts, features = page_texts(languages, per_language), computed_features(graphs)
     job = PagesJob(pages_stage(root, transcoders, texts, features), transcoders, texts, features)
     ((pages, computed),) = pool.map(pages_of, [job], desc="transcoder feature pages", in_flight=1)
     return pages, computed
