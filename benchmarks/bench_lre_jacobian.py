@@ -1,6 +1,6 @@
 """LRE Jacobian benchmark (single process, no Ray/MLflow), on SmolLM2 by default: the batched Jacobian of
-tasks/relations/jacobian.py (one vectorised reverse pass of d rows per sample) against the per-dimension loop (one
-forward, one backward per output dimension); both give W to 1e-5, the ratio is the loop's time over the batched.
+tasks/relations/jacobian.py (one forward, then the d backwards vectorised by autograd's batched gradients) against the
+per-dimension loop (one forward, one backward per output dimension at a time); both give W to 1e-5, the ratio is the loop's time over the batched.
 
     python benchmarks/bench_lre_jacobian.py [--model smollm2-135m] [--layer 4] [--rows 0] [--repeat 1]
 """
@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layer", type=int, default=4)
-    ap.add_argument("--rows", type=int, default=0, help="rows per batched pass (0 = d_model: one pass)")
+    ap.add_argument("--rows", type=int, default=0, help="cotangents per batched backward (0 = d_model: one)")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     lm = load_model(ModelConf(name=args.model))
@@ -44,7 +44,7 @@ def main() -> None:
     batched, loop = min(t["batched"]), min(t["loop"])
     print(f"{args.model} layer {args.layer}, prompt {len(prompt.ids)} tokens ({len(prompt.ids) - prompt.subject_last} "
           f"after the subject's last): batched {batched:.2f} s, per-dimension loop {loop:.2f} s, max |diff| {err:.2e}")
-    emit("lre", "Jacobian time (one sample)", f"batched reverse pass ({args.rows or lm.d_model} rows)",
+    emit("lre", "Jacobian time (one sample)", f"batched backward ({args.rows or lm.d_model} cotangents)",
          f"per-dimension loop ({lm.d_model} backwards)", loop / batched, batched_s=round(batched, 3),
          loop_s=round(loop, 3), max_abs_diff=err)
 

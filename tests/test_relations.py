@@ -68,14 +68,14 @@ def test_batched_jacobian_equals_autograd(tiny_lms, family):
     prompt = encode_prompt(lm.tokenizer, demos(REL, SAMPLES[1:3]), REL.template, SAMPLES[0].subject)
     layer = 2
     f = _plain_F(lm, list(prompt.ids), prompt.subject_last, layer)
-    lin = jacobian(lm, prompt, layer)  # one pass of d rows
+    lin = jacobian(lm, prompt, layer)  # one batched backward of d cotangents
     with torch.no_grad():
         hs = lm.model(input_ids=torch.tensor([prompt.ids]), output_hidden_states=True).hidden_states
     torch.testing.assert_close(lin.s, hs[layer][0, prompt.subject_last], atol=1e-6, rtol=0)
     torch.testing.assert_close(lin.z, f(lin.s).detach(), atol=1e-5, rtol=0)
     reference = torch.autograd.functional.jacobian(f, lin.s.clone())  # one backward per output dimension
     assert (lin.jacobian - reference).abs().max() < 1e-5
-    chunked = jacobian(lm, prompt, layer, rows=24)  # row chunks bound memory, not results
+    chunked = jacobian(lm, prompt, layer, rows=24)  # cotangent chunks bound memory, not results
     assert (chunked.jacobian - reference).abs().max() < 1e-5
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lensflow.tasks.core.hooks import Edit, Read, trace
+from lensflow.tasks.core.kv_cache import CachedRows
 from lensflow.tasks.core.models import LM
 from lensflow.tasks.editing.requests import Request
 
@@ -124,27 +125,29 @@ def optimise_value(lm: LM, req: Request, site: str, layer: int, prefixes: Sequen
     """The paper's value: argmin over delta of NLL(new object | prefix + prompt) + kl_factor KL(before || after on
     "{subject} is a") + weight_decay |delta|^2 / |v|^2, |delta| clamped to clamp_norm |v|."""
     tok = lm.tokenizer
-    rows, pos, targets = [], [], []
+    rows, cuts, targets = [], [], []
     for p, e in zip(prefixes, in_context(tok, prefixes, req.prompt, req.subject)):
         t = target_ids(tok, p + req.prompt, req.target_new)
         rows.append(e.ids + t[:-1])
-        pos.append(e.subject_last)
-        targets.append((len(e.ids) - 1, t))
+        cuts.append(e.subject_last)
+        targets.append((len(e.ids) - 1 - e.subject_last, t))  # where the target's logits start, after the cut
     kl = encode(tok, f"{req.subject} is a", req.subject)
     rows.append(kl.ids)
-    pos.append(kl.subject_last)
-    ids, mask = _batch(lm, rows)
-    positions = torch.tensor(pos, device=lm.device)
+    cuts.append(kl.subject_last)
+    kl_at = len(kl.ids) - 1 - kl.subject_last
     v = read_at_subject(lm, site, layer, [encode(tok, req.prompt, req.subject)])[0]
     with torch.no_grad():
-        base = lm.model(input_ids=ids[-1:], attention_mask=mask[-1:]).logits[0, len(kl.ids) - 1].float().log_softmax(-1)
+        ids, mask = _batch(lm, rows[-1:])
+        base = lm.model(input_ids=ids, attention_mask=mask).logits[0, len(kl.ids) - 1].float().log_softmax(-1)
+    # the tokens before each subject's last one are the same at every step: run once, each step runs the rest
+    batch = CachedRows.of(lm, rows, cuts)
 
     def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with trace(lm, edits=[Edit(site, layer, delta.to(lm.dtype), position=positions, mode="add")]):
-            logp = lm.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        with trace(lm, edits=[Edit(site, layer, delta.to(lm.dtype), position=0, mode="add")]):
+            logp = batch.logits(lm).float().log_softmax(-1)
         nll = torch.stack([-logp[i, s + torch.arange(len(t)), torch.tensor(t)].mean()
                            for i, (s, t) in enumerate(targets)]).mean()
-        kl_div = (base.exp() * (base - logp[-1, len(kl.ids) - 1])).sum()
+        kl_div = (base.exp() * (base - logp[-1, kl_at])).sum()
         return nll, kl_div
 
     delta = torch.zeros_like(v, requires_grad=True)

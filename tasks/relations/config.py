@@ -24,9 +24,8 @@ class LreConf(Section):
     betas: list[Annotated[float, Field(gt=0)]] = Field(default=[1.0, 2.0, 4.0, 8.0], min_length=1)  # W scale grid
     ranks: list[Annotated[int, Field(gt=0)]] = Field(default=[16, 64, 256], min_length=1)  # pseudo-inverse ranks
     max_pairs: int = Field(default=16, gt=0)  # (subject, other object) pairs edited per split for causality
-    # rows of one batched Jacobian pass: memory only (the W is the same); all 576 of SmolLM2 at once held 6.5 GB per
-    # actor, 96 about 1.5 GB
-    jacobian_rows: int = Field(default=96, gt=0)
+    # cotangents of one batched backward: memory only (the W is the same); SmolLM2's 576 at once add 0.7 GB per actor
+    jacobian_rows: int = Field(default=256, gt=0)
     seed: int = 0  # which samples train, choose and test
 
     def layer_list(self, n_layers: int) -> list[int]:

@@ -2,20 +2,20 @@
 token, and its Jacobian at a point.
 
 Only the tokens from the subject's last one onward depend on the subject state, so the tokens before it run once
-into a key/value cache and each pass runs the short rest. `jacobian` takes one vectorised pass per sample: the
-rest of the prompt as a batch of d rows, row i carrying its own copy of the subject state, and one backward of
-sum_i z_i[i] gives row i of J (row chunks, `rows` < d, only bound memory). `jacobian_loop` is the reference the
-benchmark and tests compare against: one backward per output dimension.
+into a key/value cache and each pass runs the short rest. `jacobian` runs that rest forward once and then pulls all
+d unit cotangents back through it in one vectorised backward (autograd's batched gradients, `rows` at a time only to
+bound memory): d backwards for one forward, where copying the state into d rows would pay d forwards too.
+`jacobian_loop` is the reference the benchmark and tests compare against: one backward per output dimension.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from lensflow.tasks.core.hooks import Edit, Read, trace
+from lensflow.tasks.core.kv_cache import prefix_cache, repeat_cache
 from lensflow.tasks.core.models import LM
 
 
@@ -43,23 +43,6 @@ def encode_prompt(tokenizer, prefix: str, template: str, subject: str) -> Prompt
     return Prompt(tuple(pre) + tuple(enc["input_ids"]), len(pre) + inside[-1])
 
 
-@torch.no_grad()
-def prefix_cache(lm: LM, ids: list[int] | tuple[int, ...]):
-    """The key/value cache of `ids` (None for no tokens)."""
-    if not ids:
-        return None
-    return lm.base(input_ids=torch.tensor([list(ids)], device=lm.device), use_cache=True).past_key_values
-
-
-def repeat_cache(cache, rows: int):
-    """A private copy of a batch-1 cache for `rows` rows (a forward appends to the cache it is given)."""
-    if cache is None:
-        return None
-    out = copy.deepcopy(cache)
-    out.batch_repeat_interleave(rows)
-    return out
-
-
 @dataclass(frozen=True)
 class Linearisation:
     """F at one sample: the subject state s, the last-layer state z = F(s) and the Jacobian J = dz/ds [d, d]."""
@@ -84,18 +67,20 @@ def _rest(lm: LM, prompt: Prompt, layer: int, h: torch.Tensor | None, grad: bool
 
 
 def jacobian(lm: LM, prompt: Prompt, layer: int, rows: int | None = None) -> Linearisation:
-    """dz/ds by batched reverse mode: ceil(d / rows) passes (one when rows >= d), each a batch of rows copies."""
-    s, z = (x[0].float() for x in _rest(lm, prompt, layer, None, grad=False))
-    d = s.shape[0]
+    """dz/ds: one forward of the rest, then ceil(d / rows) batched backwards of `rows` unit cotangents each."""
+    s, _ = _rest(lm, prompt, layer, None, grad=False)
+    h = s.clone().requires_grad_(True)
+    _, out = _rest(lm, prompt, layer, h, grad=True)
+    d = out.shape[1]
     rows = min(rows or d, d)
     jac = torch.empty(d, d)
     for c0 in range(0, d, rows):
         c = min(rows, d - c0)
-        h = s.to(lm.dtype).expand(c, d).clone().requires_grad_(True)
-        _, out = _rest(lm, prompt, layer, h, grad=True)
-        picked = out[torch.arange(c), torch.arange(c0, c0 + c)].sum()
-        jac[c0:c0 + c] = torch.autograd.grad(picked, h)[0].float().cpu()
-    return Linearisation(s.cpu(), z.cpu(), jac)
+        cotangents = torch.zeros(c, *out.shape, dtype=out.dtype, device=out.device)
+        cotangents[torch.arange(c), 0, torch.arange(c0, c0 + c)] = 1
+        grads = torch.autograd.grad(out, h, grad_outputs=cotangents, is_grads_batched=True, retain_graph=c0 + c < d)
+        jac[c0:c0 + c] = grads[0][:, 0].float().cpu()
+    return Linearisation(s[0].float().cpu(), out[0].detach().float().cpu(), jac)
 
 
 def jacobian_loop(lm: LM, prompt: Prompt, layer: int) -> Linearisation:

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lensflow.tasks.core.hooks import Edit, Read, trace
+from lensflow.tasks.core.kv_cache import prefix_cache, repeat_cache
 from lensflow.tasks.core.models import LM
 from lensflow.tasks.core.stages import Item, Stage, digest
 from lensflow.tasks.core.tokens import answer_token
 from lensflow.tasks.relations.data import Relation, Sample, Split
-from lensflow.tasks.relations.jacobian import Prompt, encode_prompt, jacobian, prefix_cache, repeat_cache
+from lensflow.tasks.relations.jacobian import Prompt, encode_prompt, jacobian
 
 FAITH_METHODS = ("lre", "logit_lens", "translation", "regression")
 CAUSAL_METHODS = ("lre", "regression", "identity")  # identity: the state moved by z' - z itself (W = I)
@@ -38,7 +39,7 @@ class Settings:
     betas: tuple[float, ...]
     ranks: tuple[int, ...]
     max_pairs: int
-    jacobian_rows: int = 96  # memory only (LreConf.jacobian_rows)
+    jacobian_rows: int = 256  # memory only (LreConf.jacobian_rows)
 
     def key_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "jacobian_rows"}
