@@ -161,29 +161,31 @@ def _feature(conf, flow: str, ref: str, run_id: str | None) -> str:
     import mlflow
 
     from lensflow.tasks.core import tracking
-    from lensflow.tasks.core.dictionaries.pages import DATA, ROOT, find_page, from_dict, page_path, terminal_text
+    from lensflow.tasks.core.dictionaries.pages import find_page, from_dict, page_path, terminal_text
 
     m = re.fullmatch(r"[Ll]?(\d+):(\d+)", ref.strip())
     if not m:
         raise ConfigError(f"lensflow feature: '{ref}' is not LAYER:ID (e.g. 3:42)")
     layer, feature = int(m.group(1)), int(m.group(2))
     tc = conf.tracking
+    root = experiment(flow).feature_pages
+    data = f"{root}/pages.json"
     run_id = run_id or tracking.latest_run(tc.uri, tc.experiment, flow, conf.model.name)
     if run_id is None:
         raise ConfigError(f"lensflow feature: no finished '{flow}' run of {conf.model.name} in experiment "
                           f"'{tc.experiment}' (tracking.uri); give --run-id")
     try:
-        layers = [from_dict(d) for d in tracking.load_json(tc.uri, run_id, DATA)]
+        layers = [from_dict(d) for d in tracking.load_json(tc.uri, run_id, data)]
     except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing artifact or run
-        raise ConfigError(f"lensflow feature: run {run_id} has no {DATA} (a run with feature pages?)") from None
+        raise ConfigError(f"lensflow feature: run {run_id} has no {data} (a run with feature pages?)") from None
     page = find_page(layers, layer, feature)
     if page is None:
         have = ", ".join(f"{lp.layer}:{lp.pages[0].feature}.." for lp in layers if lp.pages)
         raise ConfigError(f"lensflow feature: {layer}:{feature} has no page in run {run_id} (pages per layer: {have}; "
-                          f"see {ROOT}/index.html)")
-    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ROOT,
+                          f"see {root}/index.html)")
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=root,
                                                  tracking_uri=tracking.local_uri(tc.uri))
-    return f"{os.path.join(os.path.dirname(folder.rstrip('/')), page_path(layer, feature))}\n{terminal_text(page)}"
+    return f"{os.path.join(os.path.dirname(folder.rstrip('/')), page_path(layer, feature, root))}\n{terminal_text(page)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "(default: the latest finished run of the matching flow)")
     common(lens)
     feature = sub.add_parser("feature", help="a dictionary feature's page (path, then its top contexts as text)")
-    feature.add_argument("ref", metavar="LAYER:ID", help="a resid layer and a feature id, e.g. 3:42")
+    feature.add_argument("ref", metavar="LAYER:ID", help="a layer (resid layer; block for transcoders) and a feature id, "
+                                                        "e.g. 3:42")
     feature.add_argument("--flow", choices=sorted(EXPERIMENTS), default="multilingual")
     feature.add_argument("--run-id", default=None, help="MLflow run with feature pages (default: the latest finished "
                                                         "run of the flow and model)")

@@ -160,3 +160,20 @@ def test_rerun_finds_every_stage(runs, tracking_uri):
         [(g["replacement"], g["completeness"]) for g in first["graphs"]]
     first_m = _metrics(tracking_uri, first["run_id"])
     assert [v for _, v in first_m["circuits.graph.computed"]] == [1.0, 1.0]
+
+
+def test_lensflow_feature_opens_a_transcoder_page(runs, tracking_uri, capsys):
+    """`lensflow feature LAYER:ID --flow circuits` reads the run's transcoders/ pages, not the SAE pages' features/."""
+    from lensflow.flows.cli import main
+    from lensflow.tasks.core.dictionaries.pages import from_dict, page_path
+    from lensflow.tasks.core.tracking import load_json
+
+    _, first, _ = runs
+    layers = [from_dict(d) for d in load_json(tracking_uri, first["run_id"], "transcoders/pages.json")]
+    lp = next(lp for lp in layers if lp.pages)
+    page = lp.pages[0]
+    args = ["--flow", "circuits", "--run-id", first["run_id"], "--set", f"tracking.uri={tracking_uri}"]
+    assert main(["feature", f"{lp.layer}:{page.feature}", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(page_path(lp.layer, page.feature, "transcoders"))
+    assert open(out[0]).read().startswith("<!doctype html>")

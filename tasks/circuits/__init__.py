@@ -31,4 +31,5 @@ EXPERIMENT = Experiment(
     config=CircuitsConf,
     metric_sections=(("circuits.graph.", "circuits.graphs"), ("circuits.transcoder.", "circuits.transcoders"),
                      ("circuits.control.", "circuits.controls"), ("circuits.", "circuits")),
+    feature_pages="transcoders",  # transcoder pages (tasks/circuits/feature_pages.py); SAE pages are under features/
 )

@@ -51,6 +51,7 @@ class Experiment:
     config: type[Section] | None = None
     metric_sections: tuple[tuple[str, str], ...] = ()  # (metric name prefix, dashboard section), first match wins
     lens_grids: Mapping[str, str] = field(default_factory=dict)  # `lensflow lens --lens KIND` -> "module:function"
+    feature_pages: str = "features"  # the artifact folder of its feature pages: `lensflow feature --flow NAME`
     # the run config as its flow will run it, when the flow changes it (multilingual runs its own default model):
     # preflight checks layer keys against that model's depth, not model.name's
     resolve: Callable[[Config], Config] | None = None
