@@ -16,7 +16,7 @@ from pathlib import Path
 from results import PREFIX, machine
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["extract", "tuned_lens", "future_lens", "fv_patching", "causal_trace", "lre_jacobian", "dictionaries",
+BENCHMARKS = ["extract", "tuned_lens", "future_lens", "fv_patching", "causal_trace", "lre_jacobian", "edit_values", "dictionaries",
               "cluster"]
 
 
