@@ -16,8 +16,8 @@ from pathlib import Path
 from results import PREFIX, machine
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["extract", "tuned_lens", "future_lens", "fv_patching", "causal_trace", "lre_jacobian", "edit_values", "dictionaries",
-              "cluster"]
+BENCHMARKS = ["extract", "tuned_lens", "future_lens", "fv_patching", "causal_trace", "lre_jacobian", "edit_values",
+              "dictionaries", "cluster"]
 
 
 def run(name: str) -> tuple[list[dict], str, float]:
