@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 
 # two workers, a test module each at a time (module fixtures: one cluster, one MLflow server per module)
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 # MLflow's UI rendered in headless Chromium (Debian's `chromium`, installed here if missing: ~30 s, needs root)
 e2e: $(VENV)/.installed

@@ -139,12 +139,17 @@ def _start_services(conf: Config) -> Callable[[], None]:
 
 
 def _leave_now(code: int) -> NoReturn:
-    """Exit without waiting for the stopped flow's thread: first stop what would outlive this process (Ray's local
-    processes and the model actors, Prefect's temporary server), each given a few seconds."""
-    import ray
-    from prefect.server.api.server import SubprocessASGIServer
-
-    for stop in (ray.shutdown, SubprocessASGIServer().stop):  # the temporary server is one per process
+    """Exit without waiting for the stopped flow's thread: first send Prefect's queued logs, then stop what would
+    outlive this process (Ray's local processes and the model actors, Prefect's temporary server), each given a few
+    seconds. Only what this process started is stopped (a config error exits before any of it was imported)."""
+    stops: list[Callable[[], object]] = []
+    if "prefect.logging.handlers" in sys.modules:
+        stops.append(sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
+    if "ray" in sys.modules:
+        stops.append(sys.modules["ray"].shutdown)
+    if "prefect.server.api.server" in sys.modules:
+        stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
+    for stop in stops:
         done = threading.Thread(target=stop, daemon=True)
         done.start()
         done.join(STOP_WAIT_S)
@@ -280,5 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The `lensflow` command: main(), then out at once. A normal interpreter exit waited about 5 s on Prefect's and
+    Ray's exit handlers after a 2-prompt run; the run is over, its results printed and its MLflow runs closed."""
+    _leave_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
