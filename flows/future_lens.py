@@ -43,16 +43,12 @@ def future_lens_flow(config: str = "conf/default.yaml", overrides: list[str] | N
         report.log_inputs(s.run, targets, ex, plan)
         with clock("ngram_s"):
             ngram = ngram_baseline(plan, texts, s.pool)
-        with clock("soft_prompt_s"):
-            soft = on_actors(s.pool, methods.soft_prompt_job, plan.jobs["soft_prompt"])
-        with clock("fixed_prompt_s"):
-            fixed = on_actors(s.pool, methods.fixed_prompt_job, plan.jobs["fixed_prompt"])
-        with clock("linear_hidden_s"):
-            hidden = on_actors(s.pool, methods.linear_hidden_job, plan.jobs["linear_hidden"])
+        with clock("actor_methods_s"):  # soft and fixed prompts, linear_hidden
+            per_layer = on_actors(s.pool, [j for m in methods.ACTOR_METHODS for j in plan.jobs[m]])
         s.pool.close()  # the actors' CPUs are free for the model-free probes
         with clock("linear_vocab_s"):
             vocab = on_workers(conf.ray, methods.linear_vocab_job, plan.jobs["linear_vocab"])
-        results = methods.assemble(plan, ngram, [*soft, *fixed, *hidden, *vocab])  # fixed_prompt: the best prompt
+        results = methods.assemble(plan, ngram, [*per_layer, *vocab])  # fixed_prompt: the best prompt
         report.log_layers(s.run, plan)
         summary = report.log_run(s.run, conf, targets, ex, results, clock)
     print(f"{summary.table}\nMLflow run: {s.run.run_id}; computed: {summary.computed}; timings: {summary.timings}")

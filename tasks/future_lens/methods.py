@@ -167,9 +167,21 @@ def plan(conf: Config, info: ModelInfo, targets: SampleTargets, ex: Extraction) 
     }, ngram)
 
 
-def on_actors(pool: ModelPool, fn: Callable[[LM, ProbeJob], LayerResult], jobs: list[ProbeJob]) -> list[LayerResult]:
-    """Per-layer jobs on the model actors, one at a time per actor (a replaced actor redoes one layer only)."""
-    return pool.map(fn, jobs, desc=f"future lens: {fn.__name__}", in_flight=1)
+ACTOR_METHODS = ("soft_prompt", "fixed_prompt", "linear_hidden")  # the per-layer methods that need the model
+
+
+def on_actors(pool: ModelPool, jobs: list[ProbeJob]) -> list[LayerResult]:
+    """Every per-layer job that needs the model, in one map, one at a time per actor (a replaced actor redoes one
+    layer only), longest first: the short jobs fill the actor that the last soft prompt would leave idle (7 soft
+    prompts on 2 actors kept one idle for a whole layer's training)."""
+    order = sorted(jobs, key=lambda j: j.method != "soft_prompt")
+    return pool.map(actor_job, order, desc="future lens: per-layer methods (actors)", in_flight=1)
+
+
+def actor_job(lm: LM, job: ProbeJob) -> LayerResult:
+    kind = "fixed_prompt" if job.method.startswith("fixed_prompt") else job.method
+    return {"soft_prompt": soft_prompt_job, "fixed_prompt": fixed_prompt_job, "linear_hidden": linear_hidden_job}[kind](
+        lm, job)
 
 
 def on_workers(conf: RayConf, fn: Callable[[ProbeJob], LayerResult], jobs: list[ProbeJob]) -> list[LayerResult]:

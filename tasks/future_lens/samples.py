@@ -319,15 +319,31 @@ def row_blocks(rows: slice, block: int, seed: int):
             yield slice(st, min(rows.stop, st + block))
 
 
+KEEP_BYTES = 256 << 20  # training rows of one layer up to this size are read once and kept, not re-read per epoch
+
+
 def minibatches(s: Samples, layer: int, rows: slice, batch: int, block: int, seed: int):
-    """Endless shuffled minibatches (Blocks), streamed from the stores block by block."""
+    """Endless shuffled minibatches (Blocks), streamed from the stores block by block; where the rows are small
+    enough (KEEP_BYTES) each block is read once (a 300-step probe re-read and decompressed its blocks every step)."""
     g = torch.Generator().manual_seed(seed)
+    kept: dict[int, Block] | None = {} if _row_bytes(s) * (rows.stop - rows.start) <= KEEP_BYTES else None
     for sl in row_blocks(rows, max(block, batch), seed):
-        data = read_block(s, layer, sl)
+        data = kept.get(sl.start) if kept is not None else None
+        if data is None:
+            data = read_block(s, layer, sl)
+            if kept is not None:
+                kept[sl.start] = data
         perm = torch.randperm(sl.stop - sl.start, generator=g)
         for i in range(0, perm.numel() - batch + 1 if perm.numel() >= batch else 1, batch):
             idx = perm[i : i + batch]
             yield data.take(idx)
+
+
+def _row_bytes(s: Samples) -> int:
+    """Bytes of one row of a Block: the source state, the final-layer states at every N, tokens."""
+    g = zarr.open_group(s.targets_url, mode="r")
+    n_future, d = g["final"].shape[1:]
+    return 4 * d * (1 + n_future) + 8 * (n_future + 1)
 
 
 def memory_batches(data: Block, batch: int, seed: int = 0):
