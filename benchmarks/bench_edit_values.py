@@ -20,33 +20,25 @@ from lensflow.tasks.core.models import load_model
 from lensflow.tasks.editing.pipeline import context_prefixes
 from lensflow.tasks.editing.requests import load_requests
 from lensflow.tasks.editing.rome import (
+    ValueRows,
     ValueSettings,
     _batch,
     encode,
-    in_context,
     optimise_value,
     read_at_subject,
-    target_ids,
 )
 
 
 def naive_value(lm, req, site, layer, prefixes, st: ValueSettings) -> torch.Tensor:
     """The same loss and optimiser, every row run whole at every step."""
     tok = lm.tokenizer
-    rows, pos, targets = [], [], []
-    for p, e in zip(prefixes, in_context(tok, prefixes, req.prompt, req.subject)):
-        t = target_ids(tok, p + req.prompt, req.target_new)
-        rows.append(e.ids + t[:-1])
-        pos.append(e.subject_last)
-        targets.append((len(e.ids) - 1, t))
-    kl = encode(tok, f"{req.subject} is a", req.subject)
-    rows.append(kl.ids)
-    pos.append(kl.subject_last)
-    ids, mask = _batch(lm, rows)
-    positions = torch.tensor(pos)
+    vr = ValueRows.of(tok, req, prefixes)
+    ids, mask = _batch(lm, vr.rows)
+    positions = torch.tensor(vr.subject)
+    kl_last = len(vr.rows[-1]) - 1
     v = read_at_subject(lm, site, layer, [encode(tok, req.prompt, req.subject)])[0]
     with torch.no_grad():
-        base = lm.model(input_ids=ids[-1:], attention_mask=mask[-1:]).logits[0, len(kl.ids) - 1].float().log_softmax(-1)
+        base = lm.model(input_ids=ids[-1:], attention_mask=mask[-1:]).logits[0, kl_last].float().log_softmax(-1)
     delta = torch.zeros_like(v, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=st.lr)
     limit = st.clamp_norm * v.norm()
@@ -55,8 +47,8 @@ def naive_value(lm, req, site, layer, prefixes, st: ValueSettings) -> torch.Tens
         with trace(lm, edits=[Edit(site, layer, delta, position=positions, mode="add")]):
             logp = lm.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         nll = torch.stack([-logp[i, s + torch.arange(len(t)), torch.tensor(t)].mean()
-                           for i, (s, t) in enumerate(targets)]).mean()
-        kl_div = (base.exp() * (base - logp[-1, len(kl.ids) - 1])).sum()
+                           for i, (s, t) in enumerate(vr.targets)]).mean()
+        kl_div = (base.exp() * (base - logp[-1, kl_last])).sum()
         (nll + st.kl_factor * kl_div + st.weight_decay * delta.norm() ** 2 / v.norm() ** 2).backward()
         opt.step()
         with torch.no_grad():

@@ -121,26 +121,43 @@ def target_ids(tokenizer, text: str, target: str) -> list[int]:
     return tokenizer(target, add_special_tokens=False)["input_ids"]
 
 
+@dataclass(frozen=True)
+class ValueRows:
+    """The rows a value is optimised on: each prefix + prompt + the new object's tokens but the last, then the KL
+    prompt "{subject} is a"; each row's last subject token (where the edit goes) and, per prefix row, the position
+    of the first target logit and the target's tokens."""
+
+    rows: list[list[int]]
+    subject: list[int]
+    targets: list[tuple[int, list[int]]]
+
+    @classmethod
+    def of(cls, tok, req: Request, prefixes: Sequence[str]) -> ValueRows:
+        rows, subject, targets = [], [], []
+        for p, e in zip(prefixes, in_context(tok, prefixes, req.prompt, req.subject)):
+            t = target_ids(tok, p + req.prompt, req.target_new)
+            rows.append(e.ids + t[:-1])
+            subject.append(e.subject_last)
+            targets.append((len(e.ids) - 1, t))
+        kl = encode(tok, f"{req.subject} is a", req.subject)
+        return cls(rows + [kl.ids], subject + [kl.subject_last], targets)
+
+
 def optimise_value(lm: LM, req: Request, site: str, layer: int, prefixes: Sequence[str], st: ValueSettings) -> Value:
     """The paper's value: argmin over delta of NLL(new object | prefix + prompt) + kl_factor KL(before || after on
     "{subject} is a") + weight_decay |delta|^2 / |v|^2, |delta| clamped to clamp_norm |v|."""
     tok = lm.tokenizer
-    rows, cuts, targets = [], [], []
-    for p, e in zip(prefixes, in_context(tok, prefixes, req.prompt, req.subject)):
-        t = target_ids(tok, p + req.prompt, req.target_new)
-        rows.append(e.ids + t[:-1])
-        cuts.append(e.subject_last)
-        targets.append((len(e.ids) - 1 - e.subject_last, t))  # where the target's logits start, after the cut
-    kl = encode(tok, f"{req.subject} is a", req.subject)
-    rows.append(kl.ids)
-    cuts.append(kl.subject_last)
-    kl_at = len(kl.ids) - 1 - kl.subject_last
+    vr = ValueRows.of(tok, req, prefixes)
+    cuts = vr.subject
+    targets = [(s - cut, t) for (s, t), cut in zip(vr.targets, cuts)]  # where the target's logits start, after the cut
+    kl_ids = vr.rows[-1]
+    kl_at = len(kl_ids) - 1 - cuts[-1]
     v = read_at_subject(lm, site, layer, [encode(tok, req.prompt, req.subject)])[0]
     with torch.no_grad():
-        ids, mask = _batch(lm, rows[-1:])
-        base = lm.model(input_ids=ids, attention_mask=mask).logits[0, len(kl.ids) - 1].float().log_softmax(-1)
+        ids, mask = _batch(lm, [kl_ids])
+        base = lm.model(input_ids=ids, attention_mask=mask).logits[0, len(kl_ids) - 1].float().log_softmax(-1)
     # the tokens before each subject's last one are the same at every step: run once, each step runs the rest
-    batch = CachedRows.of(lm, rows, cuts)
+    batch = CachedRows.of(lm, vr.rows, cuts)
 
     def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with trace(lm, edits=[Edit(site, layer, delta.to(lm.dtype), position=0, mode="add")]):
