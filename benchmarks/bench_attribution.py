@@ -3,11 +3,8 @@ against one backward pass per target node, on the same prompt and transcoders; c
 agree to 1e-5 and prints the speed ratio.
 
     python benchmarks/bench_attribution.py [--model tiny-gemma3] [--prompt ...] [--batch 64] [--width 512] [--k 8]
-    python benchmarks/bench_attribution.py --lengths 8,32,128 [--max-feature-rows 64]
 
---lengths: prompt length against time and memory, each length in its own process (so its peak resident memory is
-its own): seconds for the graph and for pruning and scoring it, peak RSS above the loaded model, and the dense graph's estimate
-(attribution.graph_mib, what circuits.max_graph_mb is checked against).
+Prompt length against time and memory (row-held against dense graphs): benchmarks/bench_attribution_length.py.
 
 Transcoders are random (the cost does not depend on what they learned, only on how many features are active:
 width and k set that). One thread, float32.
@@ -16,17 +13,12 @@ width and k set that). One thread, float32.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import time
 
 import torch
 from results import emit
 
-from lensflow.tasks.circuits.attribution import attribute, graph_mib
-from lensflow.tasks.circuits.pruning import prune, scores
+from lensflow.tasks.circuits.attribution import attribute
 from lensflow.tasks.core.config import ModelConf
 from lensflow.tasks.core.dictionaries.transcoder import Transcoder
 from lensflow.tasks.core.models import load_model
@@ -56,46 +48,6 @@ def prompt_of(lm, n_tokens: int) -> str:
     return text.strip()
 
 
-def one_length(args) -> None:
-    """Child process: one graph at --length tokens; prints one JSON line."""
-    torch.set_num_threads(1)
-    lm = load_model(ModelConf(name=args.model, device="cpu"))
-    tcs = random_transcoders(lm, args.width, args.k)
-    prompt = prompt_of(lm, args.length)
-    before = rss_mib()
-    t0 = time.perf_counter()
-    g = attribute(lm, tcs, prompt, batch_rows=args.batch, max_batch_tokens=4096,
-                  max_feature_rows=args.max_feature_rows)
-    seconds = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    prune(g, 0.8, 0.98), scores(g)
-    prune_s = time.perf_counter() - t1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tokens": g.n_pos, "nodes": g.size, "rows": int(g.rows_computed.sum()), "seconds": seconds,
-                      "prune_s": prune_s,
-                      "peak_mib": peak - before, "dense_mib": 4 * g.size ** 2 / 2**20, "estimate_mib": graph_mib(g.size)}))
-
-
-def lengths(args) -> None:
-    torch.set_num_threads(1)  # the children's setting, so emit's kernel line says what ran
-    rows = []
-    for n in [int(x) for x in args.lengths.split(",")]:
-        cmd = [sys.executable, __file__, "--length", str(n), "--model", args.model, "--batch", str(args.batch),
-               "--width", str(args.width), "--k", str(args.k), "--max-feature-rows", str(args.max_feature_rows)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows.append(json.loads(out))
-    print(f"{args.model}, width {args.width}, k {args.k}, {args.max_feature_rows} feature rows, one thread:")
-    print("| tokens | nodes | rows | attribution s | prune+scores s | peak RSS above model (MiB) | dense adjacency (MiB) "
-          "| max_graph_mb estimate (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tokens']} | {r['nodes']} | {r['rows']} | {r['seconds']:.2f} | {r['prune_s']:.2f} | {r['peak_mib']:.0f} | "
-              f"{r['dense_mib']:.0f} | {r['estimate_mib']:.0f} |")
-    first, last = rows[0], rows[-1]
-    emit("attribution", "seconds per graph", f"{first['tokens']} tokens", f"{last['tokens']} tokens",
-         last["seconds"] / first["seconds"], model=args.model, rows=rows)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-gemma3")
@@ -103,14 +55,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--lengths", help="comma-separated prompt lengths (tokens): time and memory per length")
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--max-feature-rows", type=int, default=64)
     args = p.parse_args()
-    if args.length:
-        return one_length(args)
-    if args.lengths:
-        return lengths(args)
     torch.set_num_threads(1)
     lm = load_model(ModelConf(name=args.model, device="cpu"))
     tcs = random_transcoders(lm, args.width, args.k)
