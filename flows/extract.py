@@ -17,7 +17,7 @@ extract_activations = stage(extraction.extract)
 def extract_flow(config: str = "conf/default.yaml", overrides: list[str] | None = None) -> dict:
     conf = load_config(config, overrides)
     texts = load_prompts(conf.data)  # bad or empty inputs fail here, before a store or run exists
-    with open_session(conf, EXTRACT.name) as s:
+    with open_session(conf, EXTRACT.name, work_items=-(-len(texts) // conf.store.chunk_size)) as s:
         ex = extract_activations(conf, texts, s.pool)
         tracking.log_extraction(s.run, ex, "prompts")
     print(f"store: {ex.url}")

@@ -42,9 +42,12 @@ def gpu_slots(rc: RayConf) -> ContextManager[object]:
 
 
 @contextmanager
-def open_session(conf: Config, flow: str) -> Iterator[Session]:
+def open_session(conf: Config, flow: str, work_items: int | None = None) -> Iterator[Session]:
+    """work_items: where a flow knows it has fewer items than ray.actors (a 2-prompt extract has one chunk), no more
+    actors start: each would load the model on CPUs the first one needs."""
     prepare(conf.model)  # unmappable models fail, and the embedded GGUF converts once, before any actor starts
-    with gpu_slots(conf.ray), ModelPool(conf) as pool, tracking.flow_run(conf, flow) as run:  # actors load meanwhile
+    size = None if work_items is None or conf.ray.actors == "auto" else max(1, min(int(conf.ray.actors), work_items))
+    with gpu_slots(conf.ray), ModelPool(conf, size) as pool, tracking.flow_run(conf, flow) as run:  # actors load meanwhile
         info = pool.describe()
         yield Session(run, pool, info)
         # tagged once the stages are done: a tracking outage then fails the run after its work is in the store
