@@ -109,15 +109,11 @@ def _start_services(conf: Config) -> Callable[[], None]:
 
     The starting threads stay parked until the process exits: Ray's local processes die with the thread that
     started them (PR_SET_PDEATHSIG), not with the process."""
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     from lensflow.tasks.core.actors import connect
 
-    starts: list[Callable[[], object]] = [lambda: connect(conf.ray)]
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        starts.append(SubprocessASGIServer().start)  # the instance the flow's client finds; start() is idempotent
-    done = [threading.Event() for _ in starts]
+    done: list[threading.Event] = []
 
     def start_and_park(start: Callable[[], object], started: threading.Event) -> None:
         try:
@@ -127,8 +123,15 @@ def _start_services(conf: Config) -> Callable[[], None]:
         started.set()
         threading.Event().wait()
 
-    for start, started in zip(starts, done):
-        threading.Thread(target=start_and_park, args=(start, started), name="lensflow-start", daemon=True).start()
+    def launch(start: Callable[[], object]) -> None:
+        done.append(threading.Event())
+        threading.Thread(target=start_and_park, args=(start, done[-1]), name="lensflow-start", daemon=True).start()
+
+    launch(lambda: connect(conf.ray))  # first: Ray's processes start while Prefect's server module imports (~1 s)
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        launch(SubprocessASGIServer().start)  # the instance the flow's client finds; start() is idempotent
 
     def wait() -> None:
         for started in done:
