@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -143,22 +144,30 @@ def _start_services(conf: Config) -> Callable[[], None]:
 
 def _leave_now(code: int) -> NoReturn:
     """Exit without waiting for the stopped flow's thread: first send Prefect's queued logs, then stop what would
-    outlive this process (Ray's local processes and the model actors, Prefect's temporary server), each given a few
-    seconds. Only what this process started is stopped (a config error exits before any of it was imported)."""
-    stops: list[Callable[[], object]] = []
+    outlive this process (Ray's local processes and the model actors, Prefect's temporary server) side by side,
+    within a few seconds. Only what this process started is stopped (a config error exits before any of it was
+    imported)."""
     if "prefect.logging.handlers" in sys.modules:
-        stops.append(sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
+        _within(STOP_WAIT_S, [sys.modules["prefect.logging.handlers"].APILogWorker.drain_all])
+    stops: list[Callable[[], object]] = []
     if "ray" in sys.modules:
         stops.append(sys.modules["ray"].shutdown)
     if "prefect.server.api.server" in sys.modules:
         stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
-    for stop in stops:
-        done = threading.Thread(target=stop, daemon=True)
-        done.start()
-        done.join(STOP_WAIT_S)
+    _within(STOP_WAIT_S, stops)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _within(seconds: float, calls: list[Callable[[], object]]) -> None:
+    """Run the calls side by side in daemon threads; return when all are done or `seconds` have passed."""
+    threads = [threading.Thread(target=call, daemon=True) for call in calls]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + seconds
+    for th in threads:
+        th.join(max(0.0, deadline - time.monotonic()))
 
 
 def _feature(conf, flow: str, ref: str, run_id: str | None) -> str:
