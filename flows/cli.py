@@ -143,18 +143,20 @@ def _start_services(conf: Config) -> Callable[[], None]:
 
 
 def _leave_now(code: int) -> NoReturn:
-    """Exit without waiting for the stopped flow's thread: first send Prefect's queued logs, then stop what would
-    outlive this process (Ray's local processes and the model actors, Prefect's temporary server) side by side,
-    within a few seconds. Only what this process started is stopped (a config error exits before any of it was
-    imported)."""
-    if "prefect.logging.handlers" in sys.modules:
-        _within(STOP_WAIT_S, [sys.modules["prefect.logging.handlers"].APILogWorker.drain_all])
+    """Exit without waiting for the stopped flow's thread: first send Prefect's queued logs and stop its temporary
+    server, then stop Ray's local processes and the model actors, each step given a few seconds. Ray goes last and
+    os._exit follows at once: a stopped flow's thread that touches Ray after its shutdown makes Ray end the process
+    with status 1, not the signal's. Only what this process started is stopped (a config error exits before any of
+    it was imported)."""
     stops: list[Callable[[], object]] = []
-    if "ray" in sys.modules:
-        stops.append(sys.modules["ray"].shutdown)
+    if "prefect.logging.handlers" in sys.modules:
+        stops.append(sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
     if "prefect.server.api.server" in sys.modules:
         stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
-    _within(STOP_WAIT_S, stops)
+    if "ray" in sys.modules:
+        stops.append(sys.modules["ray"].shutdown)
+    for stop in stops:  # one after the other: logs to the server before it stops, Ray last
+        _within(STOP_WAIT_S, [stop])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
