@@ -142,20 +142,20 @@ def _start_services(conf: Config) -> Callable[[], None]:
     return wait
 
 
-def _leave_now(code: int) -> NoReturn:
-    """Exit without waiting for the stopped flow's thread: first send Prefect's queued logs and stop its temporary
-    server, then stop Ray's local processes and the model actors, each step given a few seconds. Ray goes last and
-    os._exit follows at once: a stopped flow's thread that touches Ray after its shutdown makes Ray end the process
-    with status 1, not the signal's. Only what this process started is stopped (a config error exits before any of
-    it was imported)."""
+def _leave_now(code: int, drain_logs: bool = False) -> NoReturn:
+    """Exit without waiting for the stopped flow's thread: first stop what would outlive this process (Ray's local
+    processes and the model actors, then Prefect's temporary server), each given a few seconds. Only what this
+    process started is stopped (a config error exits before any of it was imported). drain_logs: send Prefect's
+    queued logs first, once no flow thread is left (a stopped flow's thread, given those seconds, would report its
+    crash to a server about to stop, or start a new one)."""
     stops: list[Callable[[], object]] = []
-    if "prefect.logging.handlers" in sys.modules:
+    if drain_logs and "prefect.logging.handlers" in sys.modules:
         stops.append(sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
-    if "prefect.server.api.server" in sys.modules:
-        stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
     if "ray" in sys.modules:
         stops.append(sys.modules["ray"].shutdown)
-    for stop in stops:  # one after the other: logs to the server before it stops, Ray last
+    if "prefect.server.api.server" in sys.modules:
+        stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
+    for stop in stops:
         _within(STOP_WAIT_S, [stop])
     sys.stdout.flush()
     sys.stderr.flush()
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The `lensflow` command: main(), then out at once. A normal interpreter exit waited about 5 s on Prefect's and
     Ray's exit handlers after a 2-prompt run; the run is over, its results printed and its MLflow runs closed."""
-    _leave_now(main())
+    _leave_now(main(), drain_logs=True)
 
 
 if __name__ == "__main__":
