@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -156,20 +155,12 @@ def _leave_now(code: int, drain_logs: bool = False) -> NoReturn:
     if "prefect.server.api.server" in sys.modules:
         stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
     for stop in stops:
-        _within(STOP_WAIT_S, [stop])
+        done = threading.Thread(target=stop, daemon=True)
+        done.start()
+        done.join(STOP_WAIT_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _within(seconds: float, calls: list[Callable[[], object]]) -> None:
-    """Run the calls side by side in daemon threads; return when all are done or `seconds` have passed."""
-    threads = [threading.Thread(target=call, daemon=True) for call in calls]
-    for th in threads:
-        th.start()
-    deadline = time.monotonic() + seconds
-    for th in threads:
-        th.join(max(0.0, deadline - time.monotonic()))
 
 
 def _feature(conf, flow: str, ref: str, run_id: str | None) -> str:
