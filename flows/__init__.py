@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 # Set before Prefect and MLflow are first imported (this package is, before the CLI module): Prefect reads its
-# settings once, at import.
+# settings once, at import. Prefect itself is imported where it is used: the `lensflow` command starts Ray first.
 # No analytics calls from a closed network, and room for a slow first start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -22,9 +22,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 from collections.abc import Callable
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from lensflow.tasks.core.config import ConfigError
 
 
@@ -37,5 +34,8 @@ def stage(fn: Callable[..., Any], retries: int = 1) -> Any:
     """A stage function of lensflow.tasks as a Prefect task. Stage outputs are found again by their fingerprint
     under store.root, so Prefect's own result cache stays off (hashing a tensor argument costs seconds), and a
     retry resumes where the failed try stopped."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
     return task(fn, name=fn.__name__.replace("_", "-"), cache_policy=NO_CACHE, retries=retries,
                 retry_delay_seconds=5, retry_condition_fn=_retryable)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -13,9 +14,7 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 from lensflow.tasks.core.config import Config, ConfigError, public_overrides
-from lensflow.tasks.core.preflight import preflight
 from lensflow.tasks.core.redact import redact_tree
-from lensflow.tasks.core.tracking import close_open_runs, outage
 from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config
 
 T = TypeVar("T")
@@ -25,7 +24,9 @@ LENS_GRIDS = {kind: e for e in EXPERIMENTS.values() for kind in e.lens_grids}  #
 
 def _sweep(args: argparse.Namespace) -> dict:
     """Validate every point (configs and input files) before Prefect, Ray or MLflow start; then the sweep flow."""
+    from lensflow.flows import prefect_server
     from lensflow.flows.sweep import sweep_flow
+    from lensflow.tasks.core.preflight import preflight
     from lensflow.tasks.sweep import grid as sweeps
 
     if args.file:
@@ -38,6 +39,7 @@ def _sweep(args: argparse.Namespace) -> dict:
     sweeps.validate_points(spec)
     preflight(experiment(spec.flow).resolved(load_config(spec.config, spec.set)), lambda c: None)
     _one_line_errors()
+    prefect_server.start()
     return sweep_flow(sweep=spec.model_dump())
 
 
@@ -48,21 +50,28 @@ class _NoConfigErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         message = record.getMessage()
+        from lensflow.tasks.core.tracking import outage
+
         return not (isinstance(exc, ConfigError) or outage(exc) is not None or "ConfigError" in message
                     or "TrackingUnavailable" in message)
 
 
-class _NoThreadWarning(logging.Filter):
-    """The flow runs in a thread (see _stoppable), where ray.init leaves SIGTERM to the CLI, as it should: no warning."""
+class _RayStartLines(logging.Filter):
+    """Ray starts while a run's checks run (see _start_services): its lines from before they pass (start-up notices)
+    are dropped, so a bad input's error is the only line. Its warning that SIGTERM is left to the main thread, as it
+    should be here, never shows."""
+
+    holding = threading.Event()  # set while a run's checks run
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
+        return not self.holding.is_set() and "SIGTERM handler is not set" not in record.getMessage()
 
 
 def _one_line_errors() -> None:
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoConfigErrors())
-    logging.getLogger("ray._private.worker").addFilter(_NoThreadWarning())
+    for name in ("ray._private.worker", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).addFilter(_RayStartLines())
     # one warning per MLflow retry (and per heartbeat) while a tracking server is down; the outcome is one line
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
@@ -102,43 +111,55 @@ def _stoppable(fn: Callable[[], T]) -> T:
 
 
 def _start_services(conf: Config) -> Callable[[], None]:
-    """Start Prefect's temporary server and the local Ray (or the cluster connection) side by side while the flow's
-    modules import; the returned call waits for both. Each start mostly waits on processes of its own, which one
-    after the other were about 9 s of a 2-prompt run. A start that fails here is left to the flow, which starts it
-    again and reports the error in its own words.
+    """Start what the flow will use while the checks run and its modules import, each mostly waiting on processes of
+    its own: Prefect's temporary server (prefect_server.py) and, in a thread, the local Ray (or the cluster
+    connection). The returned call waits for Ray, then starts the flow's first model actor (actors.start_early), whose
+    model loads while the flow's modules import and the server comes up. One after the other, these were most of a
+    2-prompt run's 20 s. A start that fails here is left to the flow, which starts it again and reports the error in
+    its own words. Imports stay in the main thread, apart from Ray's own: two threads importing one package at once
+    can meet a module the other has half imported.
 
-    The starting threads stay parked until the process exits: Ray's local processes die with the thread that
-    started them (PR_SET_PDEATHSIG), not with the process."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    The Ray thread stays parked until the process exits: Ray's local processes die with the thread that started them
+    (PR_SET_PDEATHSIG), not with the process."""
+    from lensflow.flows import prefect_server
+    from lensflow.tasks.core.ray_cluster import connect
 
-    from lensflow.tasks.core.actors import connect
+    prefect_server.launch()
+    ray_up = threading.Event()
 
-    done: list[threading.Event] = []
-
-    def start_and_park(start: Callable[[], object], started: threading.Event) -> None:
+    def start_ray() -> None:
         try:
-            start()
+            connect(conf.ray)
         except Exception:  # noqa: BLE001 - the flow's own start reports it
             pass
-        started.set()
+        ray_up.set()
         threading.Event().wait()
 
-    def launch(start: Callable[[], object]) -> None:
-        done.append(threading.Event())
-        threading.Thread(target=start_and_park, args=(start, done[-1]), name="lensflow-start", daemon=True).start()
+    threading.Thread(target=start_ray, name="lensflow-ray", daemon=True).start()
 
-    launch(lambda: connect(conf.ray))  # first: Ray's processes start while Prefect's server module imports (~1 s)
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        from prefect.server.api.server import SubprocessASGIServer
+    def first_actor() -> None:
+        from lensflow.tasks.core.actors import start_early
 
-        launch(SubprocessASGIServer().start)  # the instance the flow's client finds; start() is idempotent
+        while not ray_up.wait(0.2):  # Ctrl-C still reaches the main thread
+            pass
+        try:
+            start_early(conf)
+        except Exception:  # noqa: BLE001 - the flow's own pool reports it
+            pass
 
-    def wait() -> None:
-        for started in done:
-            while not started.wait(0.2):  # Ctrl-C still reaches the main thread
-                pass
+    return first_actor
 
-    return wait
+
+def _kill_leftovers() -> None:
+    """Kill what this process started and is still alive. A stop while Ray is still starting finds nothing to shut
+    down yet; the exit then kills its raylet (PR_SET_PDEATHSIG), whose agents, started by the raylet, outlive it."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:  # gone meanwhile
+            pass
 
 
 def _leave_now(code: int, drain_logs: bool = False) -> NoReturn:
@@ -151,13 +172,14 @@ def _leave_now(code: int, drain_logs: bool = False) -> NoReturn:
     if drain_logs and "prefect.logging.handlers" in sys.modules:
         stops.append(sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
     if "ray" in sys.modules:
-        stops.append(sys.modules["ray"].shutdown)
-    if "prefect.server.api.server" in sys.modules:
-        stops.append(sys.modules["prefect.server.api.server"].SubprocessASGIServer().stop)  # one per process
+        stops.append(functools.partial(sys.modules["ray"].shutdown, wait_for_processes=True))
+    if "lensflow.flows.prefect_server" in sys.modules:
+        stops.append(functools.partial(sys.modules["lensflow.flows.prefect_server"].stop, STOP_WAIT_S / 2))
     for stop in stops:
         done = threading.Thread(target=stop, daemon=True)
         done.start()
         done.join(STOP_WAIT_S)
+    _kill_leftovers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -198,7 +220,10 @@ def _feature(conf, flow: str, ref: str, run_id: str | None) -> str:
     return f"{os.path.join(os.path.dirname(folder.rstrip('/')), page_path(layer, feature, root))}\n{terminal_text(page)}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, owns_process: bool = False) -> int:
+    """owns_process: called by `entry`, which exits the process after it; a run then starts Ray and Prefect's server
+    before its checks (a failed check stops them on the way out), where a caller in a longer-lived process starts
+    nothing for a run that fails them."""
     p = argparse.ArgumentParser(prog="lensflow", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -241,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
+        if owns_process:  # from here, not only once the flow runs: starting takes seconds (see _stoppable)
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, _stop)
         if args.cmd == "sweep":
             print(json.dumps(redact_tree(_stoppable(lambda: _sweep(args))), indent=2, default=str))
             return 0
@@ -251,12 +279,22 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(redact_tree(conf.model_dump(mode="json")), indent=2))
             return 0
         if args.cmd == "run":
+            from lensflow.flows import prefect_server
+
             exp = experiment(args.flow)
-            preflight(exp.resolved(conf), exp.check_inputs)  # layer keys against the model the flow runs
+            resolved = exp.resolved(conf)
             _one_line_errors()
-            started = _start_services(conf)
+            started = None
+            if owns_process:
+                _RayStartLines.holding.set()
+                started = _start_services(resolved)
+            from lensflow.tasks.core.preflight import preflight  # torch, for the GPU count: after Ray's start
+
+            preflight(resolved, exp.check_inputs)  # layer keys against the model the flow runs
+            _RayStartLines.holding.clear()
+            (started or _start_services(resolved))()
             flow = exp.flow_function()
-            started()
+            prefect_server.start()
             result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
@@ -279,11 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as stop:
         signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
-        closed = close_open_runs("KILLED")
+        tracking = sys.modules.get("lensflow.tasks.core.tracking")  # not imported yet: no run to close
+        closed = tracking.close_open_runs("KILLED") if tracking else []
         print(f"\nlensflow: stopped by {signum.name}; MLflow run(s) {', '.join(closed) or '(none open)'} closed as "
               "KILLED; every published stage is kept, and the same command resumes", file=sys.stderr)
         _leave_now(128 + signum)
     except Exception as err:
+        from lensflow.tasks.core.tracking import outage
+
         if (down := outage(err)) is None:
             raise
         print(f"lensflow: error: {down}", file=sys.stderr)  # already one redacted line
@@ -293,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The `lensflow` command: main(), then out at once. A normal interpreter exit waited about 5 s on Prefect's and
     Ray's exit handlers after a 2-prompt run; the run is over, its results printed and its MLflow runs closed."""
-    _leave_now(main(), drain_logs=True)
+    _leave_now(main(owns_process=True), drain_logs=True)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,8 @@ def _cli(tmp_path, *args: str) -> list[str]:
 
 def _publish_transcoders(root, model_name: str) -> str:
     """A transcoder stage of `model_name` as the stage would publish it (random weights: only identity matters)."""
-    from lensflow.tasks.core.dictionaries.transcoder_stage import TranscoderConf, transcoder_stage
+    from lensflow.tasks.core.dictionaries.config import TranscoderConf
+    from lensflow.tasks.core.dictionaries.transcoder_stage import transcoder_stage
     from lensflow.tasks.core.stages import Item
 
     lm = load_model(ModelConf(name=model_name))
@@ -303,8 +304,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch,
 
 
 def test_transcoder_stage_trains_a_group_in_one_pass_and_resumes(tmp_path):
+    from lensflow.tasks.core.dictionaries.config import TranscoderConf
     from lensflow.tasks.core.dictionaries.transcoder_stage import (
-        TranscoderConf,
         TranscoderJob,
         load_transcoders,
         train_group,

@@ -197,7 +197,8 @@ def test_logit_lens_on_two_nodes_equals_local(cluster):
 SEEN = """
 import hashlib, os, sys
 import ray
-from lensflow.tasks.core.actors import connect, map_remote
+from lensflow.tasks.core.actors import map_remote
+from lensflow.tasks.core.ray_cluster import connect
 from lensflow.tasks.core.config import RayConf
 
 def seen(_):  # what a Ray task on the cluster finds in its environment (a hash, never the value)
@@ -321,7 +322,7 @@ def test_node_loss_during_per_layer_tasks_reruns_them(cluster):
     result comes back in order."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from lensflow.tasks.core.actors import connect
+    from lensflow.tasks.core.ray_cluster import connect
 
     conf = load_config(None, [*TINY, *cluster.sets("tasks")])
     connect(conf.ray)
@@ -351,7 +352,7 @@ def test_auto_actors_go_on_with_fewer_after_a_node_is_lost_for_good_then_grow(cl
     """ray.actors=auto takes the free room (one actor per node here); the second node is stopped mid-extraction and
     nothing replaces it while the run goes on (max_restarts=0: its actor is gone for good), so the run finishes
     with one actor, equal to a clean run; a node that joins later gets a new actor."""
-    from lensflow.tasks.core.actors import connect
+    from lensflow.tasks.core.ray_cluster import connect
 
     conf = load_config(None, [*TINY, *cluster.sets("elastic"), "ray.actors=auto", "ray.max_actors=4",
                               "ray.max_restarts=0", f"data.max_prompts={LOSS_PROMPTS}", f"store.chunk_size={LOSS_CHUNK}"])
@@ -465,7 +466,7 @@ def test_default_address_never_joins_a_stale_cluster():
     (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
     code = f"""
 import ray
-from lensflow.tasks.core.actors import connect
+from lensflow.tasks.core.ray_cluster import connect
 from lensflow.tasks.core.config import ConfigError, RayConf
 try:
     connect(RayConf(address="{dead}", connect_timeout_s=3))

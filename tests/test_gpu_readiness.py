@@ -86,7 +86,7 @@ def test_ray_assigned_gpu_without_cuda_refuses_the_cpu(tmp_path):
     worker (Ray's default for GPU tasks is a new process, imports and CUDA context per call)."""
     script = textwrap.dedent("""
         import os, ray
-        from lensflow.tasks.core.actors import loopback_only
+        from lensflow.tasks.core.ray_cluster import loopback_only
         loopback_only()
         ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
 

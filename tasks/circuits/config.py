@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from lensflow.tasks.core.config import Section
-from lensflow.tasks.core.dictionaries.transcoder_stage import TranscoderConf
+from lensflow.tasks.core.dictionaries.config import TranscoderConf
 
 LANGUAGES = ("en", "fr", "es", "de", "zh")
 

@@ -11,10 +11,8 @@ driver's credentials by value (credentials.py) and actors the cluster's copy of 
 from __future__ import annotations
 
 import functools
+import json
 import os
-import signal
-import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -32,59 +30,15 @@ from lensflow.tasks.core import credentials, weights
 from lensflow.tasks.core.config import Config, ConfigError, ModelConf, RayConf
 from lensflow.tasks.core.models import ModelInfo, describe
 from lensflow.tasks.core.progress import progress
+from lensflow.tasks.core.ray_cluster import connect
 
 T = TypeVar("T")
-
-
-def connect(conf: RayConf) -> None:
-    """Start a private local Ray on loopback (address "") or join a cluster; idempotent within a process.
-    address="local" never joins a cluster that `ray start` left on the machine (plain ray.init() would, and
-    hangs when that cluster is gone)."""
-    if ray.is_initialized():
-        return
-    # an explicit list, secrets left out: the runtime_env is shown by the dashboard and the Jobs API; credentials
-    # travel in the object store instead (credentials.py, `shipped_credentials`)
-    plain, _ = credentials.split_env_vars(conf.env_vars)
-    env = {k: os.environ[k] for k in plain if k in os.environ}
-    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    with credentials.redacted_entrypoint():
-        if conf.address:
-            check_answers(conf)  # ray.init retries a silent address for minutes
-            ray.init(address=conf.address, runtime_env={"env_vars": env}, log_to_driver=True)
-        else:
-            loopback_only()
-            ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
-    if on_sigterm is not None:
-        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own (sys.exit): the caller's choice stands
 
 
 def shipped_credentials(conf: RayConf) -> ray.ObjectRef:
     """The driver's credentials as one object: passed as a top-level argument, Ray hands each actor or task the
     value (credentials.Bundle), which it applies before any work."""
     return ray.put(credentials.collect(conf.env_vars))
-
-
-def check_answers(conf: RayConf) -> None:
-    """HOST:PORT and ray://HOST:PORT must accept a connection within ray.connect_timeout_s ("auto" is resolved by
-    Ray from RAY_ADDRESS or the cluster `ray start` left on this machine)."""
-    if conf.address == "auto":
-        return
-    host, _, port = conf.address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=conf.connect_timeout_s).close()
-    except OSError as exc:
-        raise ConfigError(f"ray.address={conf.address}: nothing answers there within ray.connect_timeout_s="
-                          f"{conf.connect_timeout_s:g} ({exc.strerror or type(exc).__name__})") from None
-
-
-def loopback_only() -> None:
-    """A private local Ray listens on 127.0.0.1 alone (by default GCS, raylet and workers listen on every
-    interface). Ray does this for single-machine clusters on macOS and Windows; the same switch (read by the
-    processes Ray starts, and by this one) turns it on here. Measured: every socket on 127.0.0.1."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _gpus(conf: RayConf) -> float:
@@ -200,6 +154,41 @@ class ModelActor:
         return ray.get_runtime_context().get_node_id()
 
 
+def _actor_factory(conf: Config, gpus: float) -> Callable[[], ray.actor.ActorHandle]:
+    rc = conf.ray
+    threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
+    opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=gpus, max_restarts=rc.max_restarts, max_task_retries=0)
+    return functools.partial(ModelActor.options(**opts).remote, conf.model.model_dump(), threads,
+                             shipped_credentials(rc), weights.publish(conf))
+
+
+def _early_key(conf: Config, gpus: float) -> str:
+    """What the early actor was started with (and in which Ray job): a pool asking for anything else starts its own."""
+    return json.dumps([ray.get_runtime_context().get_job_id(), conf.model.model_dump(mode="json"),
+                       conf.ray.model_dump(mode="json"), conf.store.root, gpus], sort_keys=True)
+
+
+_early: dict[str, tuple[Callable[[], ray.actor.ActorHandle], ray.actor.ActorHandle]] = {}  # until a pool takes it
+
+
+def start_early(conf: Config) -> ray.actor.ActorHandle | None:
+    """Start the first model actor of the flow's pool now, while Prefect's server and the flow's modules start:
+    its model loads meanwhile (about 5 s of imports and loading on a CPU, which came after the flow's start in a
+    2-prompt run). The pool that opens with the same model and actor options takes it; where none does, it is
+    stopped with Ray. Not for pools that size themselves (ray.actors=auto) or wait for GPUs first (ray.gpu_limit)."""
+    from lensflow.tasks.core.models import prepare
+
+    if conf.ray.actors == "auto" or conf.ray.gpu_limit or _early:
+        return None
+    connect(conf.ray)
+    gpus = _gpus(conf.ray)
+    check_placement(conf.ray, gpus, 1)
+    prepare(conf.model)  # as the session does first: the embedded GGUF converts once, in this process
+    new_actor = _actor_factory(conf, gpus)  # kept with the actor: Ray restarts it from these arguments
+    _early[_early_key(conf, gpus)] = (new_actor, actor := new_actor())
+    return actor
+
+
 LOST = (RayActorError, ObjectLostError)  # the actor (or the node holding its result) is gone: the item is redone
 RETRY_PROBE_S = 1.0  # how soon an actor that was unavailable is asked again whether it is back
 GROW_EVERY_S = 5.0  # how often an elastic pool (ray.actors=auto) looks for free room
@@ -225,12 +214,11 @@ class ModelPool:
         check_store_shared(conf)
         if self.elastic:
             self._ask_autoscaler(rc.max_actors)
-        threads = rc.torch_threads or max(1, int(rc.cpus_per_actor))
-        opts = dict(num_cpus=rc.cpus_per_actor, num_gpus=self.gpus, max_restarts=rc.max_restarts, max_task_retries=0)
-        self._new_actor = functools.partial(ModelActor.options(**opts).remote, conf.model.model_dump(), threads,
-                                            shipped_credentials(rc), weights.publish(conf))
+        early = _early.pop(_early_key(conf, self.gpus), None)  # (its factory, the actor)
+        self._new_actor = early[0] if early else _actor_factory(conf, self.gpus)  # holds the actors' arguments
         self.timeout_s, self.max_restarts = rc.timeout_s, rc.max_restarts
-        self.actors = [self._new_actor() for _ in range(size)]
+        self.actors = [early[1]] if early else []
+        self.actors += [self._new_actor() for _ in range(size - len(self.actors))]
         self._grown_at = time.monotonic()
         self.nodes: dict[int, str] = {}  # live actor -> its node id
         self._dead: set[int] = set()  # actors gone for good (their slots count no more against ray.max_actors)

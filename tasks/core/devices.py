@@ -85,7 +85,7 @@ def task_gpus(requested: float | str, available: float, key: str) -> float:
 
 
 def cluster_gpus() -> float:
-    """GPUs of the connected Ray cluster (call after actors.connect)."""
+    """GPUs of the connected Ray cluster (call after ray_cluster.connect)."""
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lensflow.tasks.core.actors import ModelPool, connect, map_remote
+from lensflow.tasks.core.actors import ModelPool, map_remote
 from lensflow.tasks.core.config import Config, ConfigError, RayConf
 from lensflow.tasks.core.devices import cluster_gpus, compute_device, task_gpus
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import LM, ModelInfo
+from lensflow.tasks.core.ray_cluster import connect
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.future_lens.config import FutureLensConf
 from lensflow.tasks.future_lens.metrics import Score, decoded_scores, score

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from lensflow.tasks.core.actors import connect, map_remote
+from lensflow.tasks.core.actors import map_remote
 from lensflow.tasks.core.config import Config, ConfigError, with_overrides
 from lensflow.tasks.core.devices import cluster_gpus, compute_device, task_gpus
 from lensflow.tasks.core.kernels import compute_dtype
+from lensflow.tasks.core.ray_cluster import connect
 from lensflow.tasks.core.stages import Item, Stage
 from lensflow.tasks.core.store import Activations
 from lensflow.tasks.lenses.config import LensesConf

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from lensflow.tasks.core.config import Section
-from lensflow.tasks.core.dictionaries.transcoder_stage import TranscoderConf
+from lensflow.tasks.core.dictionaries.config import TranscoderConf
 
 # language codes the experiment knows: the shipped corpus and antonym set have each of them, so a typo fails here
 # instead of as a missing file; a user's own `files` may hold any subset of them

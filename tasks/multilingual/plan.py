@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lensflow.tasks.core.actors import connect, map_remote
+from lensflow.tasks.core.actors import map_remote
 from lensflow.tasks.core.config import Config, ConfigError, with_overrides
 from lensflow.tasks.core.devices import cluster_gpus
 from lensflow.tasks.core.dictionaries import transcoder_stage as tc_stage
@@ -17,6 +17,7 @@ from lensflow.tasks.core.dictionaries.saelens import export_sae, import_sae
 from lensflow.tasks.core.extraction import Extraction
 from lensflow.tasks.core.models import ModelInfo
 from lensflow.tasks.core.prompts import load_prompts
+from lensflow.tasks.core.ray_cluster import connect
 from lensflow.tasks.core.stages import Stage, is_remote
 from lensflow.tasks.multilingual import features, transcoders
 from lensflow.tasks.multilingual.config import MultilingualConf
