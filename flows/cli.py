@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -13,12 +12,14 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+import psutil
+
 from lensflow.tasks.core.config import Config, ConfigError, public_overrides
 from lensflow.tasks.core.redact import redact_tree
 from lensflow.tasks.registry import EXPERIMENTS, experiment, load_config
 
 T = TypeVar("T")
-STOP_WAIT_S = 2.0  # for each of Ray and the Prefect server to stop, once a run is stopped
+STOP_WAIT_S = 2.0  # on the way out: for Prefect's queued logs to drain, and for leaving a joined Ray cluster
 LENS_GRIDS = {kind: e for e in EXPERIMENTS.values() for kind in e.lens_grids}  # `lensflow lens --lens KIND`
 
 
@@ -89,8 +90,8 @@ def _stop(signum: int, frame: object) -> None:
 def _stoppable(fn: Callable[[], T]) -> T:
     """fn() in a daemon thread while this, the main thread, waits and takes SIGINT and SIGTERM itself. A flow blocked
     in Ray or Prefect (whose own SIGTERM handler is swapped in during a flow, and whose retries would run a stage
-    again) cannot delay the stop: main() closes the MLflow runs KILLED and exits, and the interpreter's exit handlers
-    stop Ray, its actors and Prefect's temporary server. Published stages are whole files, so nothing is lost."""
+    again) cannot delay the stop: main() closes the MLflow runs KILLED and leaves (_leave_now), stopping what it
+    started. Published stages are whole files, so nothing is lost."""
     box: dict[str, object] = {}
 
     def target() -> None:
@@ -150,39 +151,39 @@ def _start_services(conf: Config) -> Callable[[], None]:
     return first_actor
 
 
-def _kill_leftovers() -> None:
-    """Kill what this process started and is still alive. A stop while Ray is still starting finds nothing to shut
-    down yet; the exit then kills its raylet (PR_SET_PDEATHSIG), whose agents, started by the raylet, outlive it."""
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
+def _leave_now(code: int, drain_logs: bool = False) -> NoReturn:
+    """Exit without waiting for the stopped flow's thread. What this process started (a local Ray, its model actors,
+    Prefect's temporary server) is killed on the way out: flows publish whole files and close their MLflow runs
+    first, so nothing is lost, and Ray's own graceful shutdown stops its processes one after another (1.2-1.5 s).
+    A joined cluster is only left, as any driver leaves it. drain_logs: send Prefect's queued logs first, once no
+    flow thread is left (a stopped flow's thread, given those seconds, would report its crash to a server about to
+    stop, or start a new one)."""
+    if drain_logs and "prefect.logging.handlers" in sys.modules:
+        _within(STOP_WAIT_S, sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
+    children = psutil.Process().children(recursive=True)
+    if "ray" in sys.modules and not any(_name(child) == "raylet" for child in children):
+        _within(STOP_WAIT_S, sys.modules["ray"].shutdown)  # a cluster (or none): disconnect
+    for child in children:  # a stop while Ray starts kills what it started so far, the raylet's agents included
         try:
             child.kill()
         except psutil.Error:  # gone meanwhile
             pass
-
-
-def _leave_now(code: int, drain_logs: bool = False) -> NoReturn:
-    """Exit without waiting for the stopped flow's thread: first stop what would outlive this process (Ray's local
-    processes and the model actors, then Prefect's temporary server), each given a few seconds. Only what this
-    process started is stopped (a config error exits before any of it was imported). drain_logs: send Prefect's
-    queued logs first, once no flow thread is left (a stopped flow's thread, given those seconds, would report its
-    crash to a server about to stop, or start a new one)."""
-    stops: list[Callable[[], object]] = []
-    if drain_logs and "prefect.logging.handlers" in sys.modules:
-        stops.append(sys.modules["prefect.logging.handlers"].APILogWorker.drain_all)
-    if "ray" in sys.modules:
-        stops.append(functools.partial(sys.modules["ray"].shutdown, wait_for_processes=True))
-    if "lensflow.flows.prefect_server" in sys.modules:
-        stops.append(functools.partial(sys.modules["lensflow.flows.prefect_server"].stop, STOP_WAIT_S / 2))
-    for stop in stops:
-        done = threading.Thread(target=stop, daemon=True)
-        done.start()
-        done.join(STOP_WAIT_S)
-    _kill_leftovers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
+def _within(seconds: float, fn: Callable[[], object]) -> None:
+    done = threading.Thread(target=fn, daemon=True)
+    done.start()
+    done.join(seconds)
 
 
 def _feature(conf, flow: str, ref: str, run_id: str | None) -> str:
