@@ -84,12 +84,16 @@ class TemporaryServer:
 _server: TemporaryServer | None = None  # this process's
 
 
+def _new() -> None:
+    global _server
+    _server = TemporaryServer()
+    atexit.register(stop, 2.0)  # `lensflow` kills it on its way out (os._exit); this for other callers
+
+
 def launch() -> None:
     """Start the server now, unless the environment names an API; `start` decides whether the flow uses it."""
-    global _server
     if _server is None and not os.environ.get("PREFECT_API_URL"):
-        _server = TemporaryServer()
-        atexit.register(stop, 2.0)  # `lensflow` leaves by os._exit, after stopping it itself; this for other callers
+        _new()
 
 
 def start() -> None:
@@ -99,13 +103,13 @@ def start() -> None:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url and (_server is None or not _server.in_use) or not settings.server.ephemeral.enabled:
+    ours = _server is not None and _server.in_use  # Prefect's API URL is then this server's
+    if not ours and (settings.api.url or not settings.server.ephemeral.enabled):
         stop(2.0)
         _server = None
         return
     if _server is None:
-        _server = TemporaryServer()
-        atexit.register(stop, 2.0)
+        _new()
     _server.use()
     _server.wait(settings.server.ephemeral.startup_timeout_seconds)
 
