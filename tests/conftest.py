@@ -32,8 +32,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def ray_session():
     import ray
 
+    from lensflow.tasks.core.ray_cluster import METRICS_SWITCH
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # held all session: as the CLI's local Ray, it exports no metrics (ray_cluster.no_metrics_export); set for
+        # its own processes only, so the clusters tests start later keep Ray's default
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(METRICS_SWITCH, os.environ.get(METRICS_SWITCH, "0"))
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -14,6 +14,7 @@ import ray
 
 from lensflow.tasks.core import actors
 from lensflow.tasks.core.actors import ModelPool, start_early
+from lensflow.tasks.core.ray_cluster import METRICS_SWITCH, no_metrics_export
 
 SERVER = """
 import json, os, urllib.request
@@ -36,6 +37,19 @@ def _server_script(tmp_path, **env: str) -> dict:
     out = subprocess.run([sys.executable, "-c", SERVER], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+LOCAL_RAY = """
+import json, psutil, ray
+from lensflow.tasks.core.config import RayConf
+from lensflow.tasks.core.ray_cluster import METRICS_SWITCH, connect
+connect(RayConf())
+ray.get(ray.remote(lambda: 0).remote())  # a worker has started too
+switch = {}
+for p in psutil.Process().children(recursive=True):
+    if env := p.environ():  # empty where a new process title was written over it (Ray's agents)
+        switch.setdefault(p.name(), set()).add(env.get(METRICS_SWITCH))
+print(json.dumps({name: sorted(map(str, values)) for name, values in switch.items()}))
+"""
 
 
 def test_temporary_server_answers_on_loopback_and_stops(tmp_path):
@@ -70,3 +84,15 @@ def test_pool_takes_the_early_actor_only_when_it_asks_for_the_same(ray_session, 
         for _, actor in actors._early.values():
             ray.kill(actor)
         actors._early.clear()
+
+
+def test_every_process_of_a_local_ray_has_the_metrics_export_off(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != METRICS_SWITCH}
+    out = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    switch = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"gcs_server", "raylet", "ray::IDLE"} <= switch.keys(), switch
+    assert all(values == ["0"] for values in switch.values()), switch
+    monkeypatch.setenv(METRICS_SWITCH, "1")
+    no_metrics_export()
+    assert os.environ[METRICS_SWITCH] == "1"  # a user's own setting stands
