@@ -41,7 +41,8 @@ def _sweep(args: argparse.Namespace) -> dict:
     preflight(experiment(spec.flow).resolved(load_config(spec.config, spec.set)), lambda c: None)
     _one_line_errors()
     prefect_server.start()
-    return sweep_flow(sweep=spec.model_dump())
+    with prefect_server.heartbeats_off():
+        return sweep_flow(sweep=spec.model_dump())
 
 
 class _NoConfigErrors(logging.Filter):
@@ -296,7 +297,12 @@ def main(argv: list[str] | None = None, owns_process: bool = False) -> int:
             (started or _start_services(resolved))()
             flow = exp.flow_function()
             prefect_server.start()
-            result = _stoppable(lambda: flow(config=args.config, overrides=public_overrides(args.overrides)))
+
+            def run_flow() -> dict:
+                with prefect_server.heartbeats_off():
+                    return flow(config=args.config, overrides=public_overrides(args.overrides))
+
+            result = _stoppable(run_flow)
             print(json.dumps(redact_tree(result), indent=2, default=str))
             return 0
         if args.cmd == "attribute":

@@ -22,11 +22,22 @@ from lensflow.flows import prefect_server
 prefect_server.launch()
 launched = prefect_server._server.process.pid if prefect_server._server else None
 prefect_server.start()
-from prefect.settings import PREFECT_API_URL
+from prefect import flow
+from prefect.settings import PREFECT_API_URL, get_current_settings
 url = PREFECT_API_URL.value()
 health = urllib.request.urlopen(url + "/health", timeout=5).status if prefect_server._server else None
+
+@flow
+def heartbeat_seconds():  # as the flow engine reads it
+    return get_current_settings().flows.heartbeat_frequency
+
+default = get_current_settings().flows.heartbeat_frequency
+with prefect_server.heartbeats_off():
+    heartbeat = heartbeat_seconds() if prefect_server._server else get_current_settings().flows.heartbeat_frequency
 prefect_server.stop(5)
-print(json.dumps({"launched": launched, "url": url, "env": os.environ.get("PREFECT_API_URL"), "health": health}))
+print(json.dumps({"launched": launched, "url": url, "env": os.environ.get("PREFECT_API_URL"), "health": health,
+                  "heartbeat": heartbeat, "default": default,
+                  "heartbeat_after": get_current_settings().flows.heartbeat_frequency}))
 """
 
 
@@ -56,6 +67,8 @@ def test_temporary_server_answers_on_loopback_and_stops(tmp_path):
     got = _server_script(tmp_path)
     assert got["url"].startswith("http://127.0.0.1:") and got["url"].endswith("/api")
     assert got["env"] == got["url"] and got["health"] == 200
+    assert got["default"] is not None  # Prefect's default: on
+    assert got["heartbeat"] is None and got["heartbeat_after"] == got["default"]  # off for flows on this server alone
     assert not psutil.pid_exists(got["launched"])
 
 
@@ -66,6 +79,7 @@ def test_a_profile_api_wins_and_the_launched_server_stops(tmp_path):
     assert got["launched"] is not None  # launched before Prefect's settings were read ...
     assert not psutil.pid_exists(got["launched"])  # ... and stopped once they named an API
     assert got["url"] == "http://127.0.0.1:9/api" and got["env"] is None and got["health"] is None
+    assert got["heartbeat"] == got["default"] is not None  # a named server keeps Prefect's heartbeats
 
 
 def test_pool_takes_the_early_actor_only_when_it_asks_for_the_same(ray_session, make_conf):
