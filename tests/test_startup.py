@@ -49,6 +49,7 @@ def _server_script(tmp_path, **env: str) -> dict:
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
+
 LOCAL_RAY = """
 import json, psutil, ray
 from lensflow.tasks.core.config import RayConf
