@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 LAUNCHES = 3  # a port taken between choosing it and the server binding it: another port, up to this many times
 
@@ -122,16 +122,17 @@ def stop(wait_s: float) -> None:
 
 
 @contextmanager
-def heartbeats_off(any_server: bool = False) -> Iterator[None]:
-    """Flows run within this (in this thread) send no flow-run heartbeats while they use this process's server.
-    Heartbeats feed a server's zombie-run automations; this server stops with the command, so nothing reads them, and
-    the flow engine waits up to 1 s at the end of every flow for its heartbeat thread, which sleeps in 1 s steps.
-    Prefect's own test suite turns them off for the same cost. A server named by PREFECT_API_URL keeps them, unless
-    any_server: the caller's own server, which stops with it too (the tests' Prefect harness)."""
-    if not any_server and (_server is None or not _server.in_use):
-        yield
-        return
+def without_heartbeats() -> Iterator[None]:
+    """Flows run within this (in this thread) send no flow-run heartbeats. Heartbeats feed a server's zombie-run
+    automations; a server that stops with its caller has no reader for them, and the flow engine waits up to 1 s at
+    the end of every flow for its heartbeat thread, which sleeps in 1 s steps. Prefect's own test suite turns them off
+    for the same cost."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def heartbeats_off() -> AbstractContextManager[None]:
+    """without_heartbeats() while the flows use this process's server; a server named by PREFECT_API_URL keeps them."""
+    return without_heartbeats() if _server is not None and _server.in_use else nullcontext()

@@ -53,9 +53,9 @@ def tracking_uri(tmp_path_factory) -> str:
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    from lensflow.flows.prefect_server import heartbeats_off
+    from lensflow.flows.prefect_server import without_heartbeats
 
-    with prefect_test_harness(server_startup_timeout=180), heartbeats_off(any_server=True):  # as `lensflow run` does
+    with prefect_test_harness(server_startup_timeout=180), without_heartbeats():  # as on `lensflow run`'s own server
         yield
 
 
