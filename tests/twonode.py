@@ -33,10 +33,14 @@ RAY_START = [sys.executable, "-c", "import sys; from ray._private import service
              "sys.argv[0] = 'ray'; main()", "start"]
 
 
-def _ports(n: int) -> list[int]:
+def _ports(n: int, taken: set[int]) -> list[int]:
+    """n free ports, none of them in `taken` (which gains them): each free_port() closes its socket, so the OS may
+    hand out the same port again, and Ray refuses a port given to two of a cluster's components."""
     ports: set[int] = set()
     while len(ports) < n:
-        ports.add(free_port())
+        if (port := free_port()) not in taken:
+            ports.add(port)
+    taken |= ports
     return sorted(ports)
 
 
@@ -123,6 +127,7 @@ class TwoNodeCluster:
     def __init__(self, folder: Path, hidden: list[Path], env: dict[str, str]):
         self.folder, self.hidden = folder, hidden
         self.port = free_port()
+        self._taken = {self.port}  # every port the cluster's nodes were given
         self.token = driver_token()
         # no node inherits a credential from the test's own environment: only `env` (and the driver) hold them
         inherited = {k: v for k, v in os.environ.items() if not credentials.is_secret(k)}
@@ -136,7 +141,8 @@ class TwoNodeCluster:
         head_temp.mkdir(parents=True, exist_ok=True)
         self.head = RayNode("head", folder, [
             *RAY_START, "--head", "--block", "--port", str(self.port), "--temp-dir", str(head_temp),
-            *self._node_args(), "--include-dashboard=false", "--ray-client-server-port", str(free_port())], common)
+            *self._node_args(), "--include-dashboard=false",
+            "--ray-client-server-port", str(_ports(1, self._taken)[0])], common)
         self.node2 = RayNode(NODE2, folder, self._node2_argv(), common)
 
     @property
@@ -144,8 +150,8 @@ class TwoNodeCluster:
         return f"127.0.0.1:{self.port}"
 
     def _node_args(self) -> list[str]:
-        p = _ports(6)
-        workers = ",".join(map(str, _ports(12)))
+        p = _ports(6, self._taken)
+        workers = ",".join(map(str, _ports(12, self._taken)))
         return ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats",
                 "--object-store-memory", str(200 * 2**20), "--node-manager-port", str(p[0]),
                 "--object-manager-port", str(p[1]), "--dashboard-agent-listen-port", str(p[2]),
