@@ -101,7 +101,7 @@ def test_pool_takes_the_early_actor_only_when_it_asks_for_the_same(ray_session, 
         actors._early.clear()
 
 
-def test_every_process_of_a_local_ray_has_the_metrics_export_off(tmp_path, monkeypatch):
+def test_every_process_of_a_local_ray_has_the_metrics_export_off(monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != METRICS_SWITCH}
     out = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
