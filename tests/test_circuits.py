@@ -428,7 +428,8 @@ def test_row_storage_prunes_and_scores_like_the_dense_graph(tiny):
     as_dense = torch.zeros(rows.size, rows.size, dtype=torch.bool)
     as_dense[rows.rows[r_idx], s_idx] = True
     assert torch.equal(as_dense, pd.edges) and as_dense.any()
-    assert scores(rows) == scores(dense)
+    # float64 sums over differently shaped operands: equal to the last bits of rounding (one ulp seen), not bit-equal
+    assert vars(scores(rows)) == pytest.approx(vars(scores(dense)), rel=1e-12, abs=0)
     # influence by hand: the dense normalised matrix's power series
     a = rows.adjacency.abs().double()
     w = a / a.sum(1, keepdim=True).clamp_min(1e-12)
