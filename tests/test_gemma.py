@@ -44,6 +44,27 @@ def test_two_processes_assembling_at_once_get_one_checked_file(tmp_path):
     assert again.stdout.strip() == str(path) and path.stat().st_mtime_ns == mtime  # idempotent: not rewritten
 
 
+def test_a_conversion_reads_each_gguf_once_and_leaves_the_reader_as_it_was(tmp_path):
+    import gguf
+
+    from lensflow.tasks.core.models import one_gguf_parse
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(100)])
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    plain = gguf.GGUFReader
+    with one_gguf_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the loader's second and third reads
+        assert len(first.fields["tokenizer.ggml.tokens"].data) == 100
+        np.testing.assert_array_equal(first.tensors[0].data, np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert gguf.GGUFReader is plain and gguf.GGUFReader(path) is not first
+
+
 def test_gemma3_store_matches_plain_forward(ray_session, make_conf, gemma3):
     conf = make_conf("data.max_tokens=32", "data.max_prompts=8", model="gemma3-270m")
     texts = builtin_texts(8)
