@@ -364,8 +364,8 @@ def _embedded_gguf(name: str) -> Path:
 
 
 def embedded_dir(name: str) -> Path:
-    """Convert the embedded GGUF once per machine (de-quantisation: 18 s for SmolLM2, 40 s for Gemma 3 on the 2-core VM) and cache
-    plain safetensors for sub-second loads."""
+    """Convert the embedded GGUF once per machine (18 s for SmolLM2, 40 s for Gemma 3 on the 2-core VM) and cache plain
+    safetensors for sub-second loads."""
     _embedded_package(name)  # installed, or a clear error (even with a converted cache: setup is incomplete)
     target = cache_dir() / name
     if (target / "model.safetensors").is_file():
@@ -380,7 +380,7 @@ def embedded_dir(name: str) -> Path:
 @contextmanager
 def one_gguf_parse() -> Iterator[None]:
     """transformers reads a GGUF's metadata anew for the config, the weights and the tokenizer: 10-14 s each for
-    Gemma 3's 262k-token vocabulary, most of its conversion (57.6 s against 31.9 s with one read, 2-core VM). Within
+    Gemma 3's 262k-token vocabulary, most of its conversion (65.7 s against 39.7 s with one read, 2-core VM). Within
     this, one read-only reader per file serves them all; it maps the file and copies nothing."""
     import gguf
 
